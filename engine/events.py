@@ -1,0 +1,75 @@
+"""The event stream: every event gets the next sequence number, is persisted, then fanned out.
+
+Invariant: `snapshot_then_follow` hands a subscriber a snapshot taken at sequence S and
+every event after S, nothing twice and nothing missing, because the snapshot and the
+subscription are taken under the same lock that numbers events.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from typing import Any, Callable
+
+from engine.store import Store
+
+EVENT_KINDS = ("phase", "step", "eval", "state", "system", "log", "engine")
+PERSISTED = {"step", "eval", "state", "log", "engine"}  # phase/system are high-rate and transient
+
+
+class Subscription:
+    """A bounded queue of events for one client; a client that falls too far behind is dropped."""
+
+    def __init__(self, maxsize: int = 10000):
+        self.queue: queue.Queue = queue.Queue(maxsize=maxsize)
+        self.overflowed = False
+
+    def put(self, event: dict) -> None:
+        try:
+            self.queue.put_nowait(event)
+        except queue.Full:
+            self.overflowed = True
+
+    def get(self, timeout: float | None = None) -> dict | None:
+        try:
+            return self.queue.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+
+class EventBus:
+    def __init__(self, store: Store):
+        self.store = store
+        self.lock = threading.RLock()
+        self.seq = store.last_event_seq()
+        self.subscribers: list[Subscription] = []
+        self.listeners: list[Callable[[dict], None]] = []
+
+    def emit(self, kind: str, tenant: str | None = None, **data: Any) -> dict:
+        with self.lock:
+            self.seq += 1
+            event = {"seq": self.seq, "time": time.time(), "kind": kind, "tenant": tenant, "data": data}
+            if kind in PERSISTED:
+                try:
+                    self.store.add_event(self.seq, kind, tenant, data)
+                except Exception:  # noqa: BLE001 - a full disk must not stop the stream
+                    pass
+            for sub in list(self.subscribers):
+                sub.put(event)
+                if sub.overflowed:
+                    self.subscribers.remove(sub)
+            for listener in list(self.listeners):
+                listener(event)
+            return event
+
+    def snapshot_then_follow(self, snapshot: Callable[[], Any]) -> tuple[Any, int, Subscription]:
+        with self.lock:
+            sub = Subscription()
+            self.subscribers.append(sub)
+            return snapshot(), self.seq, sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        with self.lock:
+            if sub in self.subscribers:
+                self.subscribers.remove(sub)

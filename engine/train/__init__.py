@@ -1,0 +1,1 @@
+"""Training: the GRPO objective and the multi-adapter PEFT trainer."""

@@ -1,0 +1,198 @@
+"""One PEFT model holding every tenant's LoRA adapter; one AdamW per tenant.
+
+Invariant: a tenant's optimizer holds exactly that tenant's LoRA parameters, so a
+step of one tenant can never move another tenant's weights. The model stays in eval
+mode (no dropout) because PEFT's mixed-adapter forward (`adapter_names=[...]`) is
+only allowed there; gradients flow all the same.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+
+from engine.config import GrpoSpec, LoraSpec, OptimSpec
+from engine.train.grpo import grpo_loss
+
+ANCHOR = "__anchor__"  # a rank-1 adapter nobody uses: PEFT needs at least one adapter to exist
+
+
+def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Left-padded rows start their positions at their first real token, as a sampler does."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@dataclass
+class TrainBatch:
+    """One tenant's rollouts as tensors: left-padded prompt + right-padded completion."""
+
+    input_ids: torch.Tensor  # [B, P+T]
+    attention_mask: torch.Tensor  # [B, P+T]
+    completion_mask: torch.Tensor  # [B, T]
+    advantages: torch.Tensor  # [B]
+    prompt_width: int
+
+
+@dataclass
+class StepStats:
+    loss: float
+    kl: float
+    grad_norm: float
+    entropy: float
+    clip_fraction: float
+    trainer_logprobs: torch.Tensor  # [B, T] before the update, detached
+
+
+class MultiAdapterTrainer:
+    """Adds, trains, saves and removes named LoRA adapters on one frozen base model."""
+
+    def __init__(self, base_model: torch.nn.Module, device: torch.device):
+        self.device = device
+        for p in base_model.parameters():
+            p.requires_grad_(False)
+        anchor = LoraConfig(r=1, lora_alpha=1, target_modules=["q_proj"], lora_dropout=0.0)
+        self.model: PeftModel = get_peft_model(base_model, anchor, adapter_name=ANCHOR)
+        self.model.eval()
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.specs: dict[str, tuple[LoraSpec, OptimSpec]] = {}
+        # The sampler (PEFT backend) and the trainer share weights; one lock orders them.
+        self.lock = threading.RLock()
+
+    # -- adapters ---------------------------------------------------------------
+    def add_adapter(self, name: str, lora: LoraSpec, optim: OptimSpec, seed: int) -> None:
+        with self.lock:
+            if name in self.optimizers:
+                raise ValueError(f"adapter {name!r} exists")
+            config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=list(lora.target_modules),
+                                lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+            # LoRA A is drawn from the global RNG: seed it so a tenant's init depends on its seed only.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                self.model.add_adapter(name, config)
+            self.model.eval()
+            params = self.parameters(name)
+            if not params:
+                raise ValueError(f"lora.target_modules {lora.target_modules} match no module of the base model")
+            for p in params:
+                p.requires_grad_(True)
+            self.optimizers[name] = torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas),
+                                                      weight_decay=optim.weight_decay)
+            self.specs[name] = (lora, optim)
+
+    def remove_adapter(self, name: str) -> None:
+        with self.lock:
+            self.optimizers.pop(name, None)
+            self.specs.pop(name, None)
+            if name in self.model.peft_config:
+                self.model.delete_adapter(name)
+
+    def parameters(self, name: str) -> list[torch.nn.Parameter]:
+        marker = f".{name}."
+        return [p for n, p in self.model.named_parameters() if marker in n]
+
+    def adapter_bytes(self, name: str) -> int:
+        """Weights plus optimizer moments held for this tenant."""
+        weights = sum(p.numel() * p.element_size() for p in self.parameters(name))
+        opt = self.optimizers.get(name)
+        moments = 0
+        if opt is not None:
+            for state in opt.state.values():
+                moments += sum(t.numel() * t.element_size() for t in state.values() if torch.is_tensor(t))
+        return weights + moments
+
+    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.model, adapter_name=name).items()}
+
+    def save_adapter(self, name: str, directory: Path) -> Path:
+        """Write a standard PEFT adapter directory (loadable by PeftModel and by vLLM)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        with self.lock:
+            state = {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(self.model, adapter_name=name).items()}
+            config = self.model.peft_config[name]
+        tmp = directory / "adapter_model.safetensors.tmp"
+        save_file(state, str(tmp), metadata={"format": "pt"})
+        tmp.replace(directory / "adapter_model.safetensors")
+        base = config.base_model_name_or_path
+        config.base_model_name_or_path = str(getattr(self.model.base_model.model.config, "_name_or_path", "") or base or "")
+        config.save_pretrained(str(directory))
+        return directory
+
+    def load_adapter_weights(self, name: str, state: dict[str, torch.Tensor]) -> None:
+        with self.lock:
+            result = set_peft_model_state_dict(self.model, state, adapter_name=name)
+            missing = [k for k in getattr(result, "unexpected_keys", []) if name in k]
+            if missing:
+                raise ValueError(f"checkpoint does not fit adapter {name}: {missing[:3]}")
+
+    def optimizer_state(self, name: str) -> dict:
+        return self.optimizers[name].state_dict()
+
+    def load_optimizer_state(self, name: str, state: dict) -> None:
+        self.optimizers[name].load_state_dict(state)
+
+    # -- forward ----------------------------------------------------------------
+    def completion_logprobs(self, adapter_names: list[str], batch: TrainBatch, with_entropy: bool = False):
+        """Per-token log-probs of the completion tokens under each row's adapter."""
+        ids, mask = batch.input_ids.to(self.device), batch.attention_mask.to(self.device)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                         adapter_names=adapter_names, use_cache=False)
+        width = batch.completion_mask.shape[1]
+        logits = out.logits[:, batch.prompt_width - 1 : batch.prompt_width - 1 + width].float()
+        logp_all = torch.log_softmax(logits, dim=-1)
+        targets = ids[:, batch.prompt_width : batch.prompt_width + width]
+        logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        entropy = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
+        return logp, entropy
+
+    def train_step(self, name: str, batch: TrainBatch, grpo: GrpoSpec, max_tokens: int) -> StepStats:
+        """GRPO update of one tenant's adapter: only its optimizer steps."""
+        return self.train_steps({name: (batch, grpo, max_tokens)})[name]
+
+    def train_steps(self, work: dict[str, tuple[TrainBatch, GrpoSpec, int]]) -> dict[str, StepStats]:
+        """One GRPO update per tenant. Tenants' losses touch disjoint parameters, so
+        each tenant's gradient is exactly what it would be trained alone."""
+        stats: dict[str, StepStats] = {}
+        with self.lock:
+            for name, (batch, grpo, max_tokens) in work.items():
+                params = self.parameters(name)
+                for p in params:
+                    p.requires_grad_(True)
+                rows = [name] * batch.input_ids.shape[0]
+                mask = batch.completion_mask.to(self.device)
+                adv = batch.advantages.to(self.device)
+                ref = None
+                if grpo.beta > 0:
+                    with torch.no_grad():
+                        ref, _ = self.completion_logprobs(["__base__"] * len(rows), batch)
+                old = None
+                for it in range(grpo.iterations):
+                    logp, entropy = self.completion_logprobs(rows, batch, with_entropy=(it == 0))
+                    if old is None:
+                        old = logp.detach()
+                        first_entropy = float((entropy.detach() * mask).sum() / mask.sum().clamp(min=1))
+                    parts = grpo_loss(logp, old, adv, mask, epsilon=grpo.epsilon, epsilon_high=grpo.epsilon_high,
+                                      beta=grpo.beta, ref_logprobs=ref, loss_type=grpo.loss_type,
+                                      max_completion_length=max_tokens)
+                    if not torch.isfinite(parts.loss):
+                        raise FloatingPointError(f"loss is {parts.loss.item()} at iteration {it}")
+                    opt = self.optimizers[name]
+                    opt.zero_grad(set_to_none=True)
+                    parts.loss.backward()
+                    clip = self.specs[name][1].grad_clip
+                    norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf)
+                    if not torch.isfinite(norm):
+                        opt.zero_grad(set_to_none=True)
+                        raise FloatingPointError(f"gradient norm is {norm.item()}")
+                    opt.step()
+                stats[name] = StepStats(loss=float(parts.loss.detach()), kl=parts.kl, grad_norm=float(norm),
+                                        entropy=first_entropy, clip_fraction=parts.clip_fraction,
+                                        trainer_logprobs=old)
+        return stats

@@ -1,0 +1,82 @@
+"""Experiment files: defaults, validation that names the field, overrides."""
+
+import pytest
+
+from engine.config import ExperimentSpec, SpecError, load_spec, parse_spec
+
+ISSUE_EXAMPLE = '''
+name = "add-r8-lr3e-4"
+task = "arithmetic"
+steps = 40
+seed = 0
+checkpoint_every = 5
+eval_every = 5
+[lora]
+rank = 8
+alpha = 16
+target_modules = ["q_proj", "k_proj", "v_proj", "o_proj"]
+[optim]
+lr = 3e-4
+[rollout]
+prompts_per_step = 8
+num_generations = 8
+max_tokens = 8
+temperature = 1.0
+[grpo]
+epsilon = 0.2
+beta = 0.0
+loss_type = "dapo"
+'''
+
+
+def test_the_documented_experiment_file_parses(tmp_path):
+    path = tmp_path / "exp.toml"
+    path.write_text(ISSUE_EXAMPLE)
+    spec = load_spec(path)
+    assert spec.name == "add-r8-lr3e-4" and spec.lora.rank == 8 and spec.optim.lr == 3e-4
+    assert spec.lora.alpha == 16.0 and isinstance(spec.lora.alpha, float)
+    assert spec.grpo.loss_type == "dapo" and spec.rollout.num_generations == 8
+
+
+def test_every_field_but_name_has_a_default():
+    spec = parse_spec({"name": "x"})
+    assert isinstance(spec, ExperimentSpec) and spec.steps > 0 and spec.lora.rank > 0
+    with pytest.raises(SpecError, match="^name: required"):
+        parse_spec({})
+
+
+@pytest.mark.parametrize("data, field", [
+    ({"name": "x", "lora": {"rank": 0}}, "lora.rank"),
+    ({"name": "x", "optim": {"lr": -1.0}}, "optim.lr"),
+    ({"name": "x", "optim": {"betas": [0.9]}}, "optim.betas"),
+    ({"name": "x", "rollout": {"temperature": 0}}, "rollout.temperature"),
+    ({"name": "x", "rollout": {"top_p": 1.5}}, "rollout.top_p"),
+    ({"name": "x", "rollout": {"num_generations": "eight"}}, "rollout.num_generations"),
+    ({"name": "x", "grpo": {"loss_type": "ppo"}}, "grpo.loss_type"),
+    ({"name": "x", "steps": 0}, "steps"),
+    ({"name": "x", "lora": {"rnak": 8}}, "lora.rnak"),
+    ({"name": "x", "lora": 8}, "lora"),
+    ({"name": "bad name!"}, "name"),
+])
+def test_invalid_values_are_rejected_with_the_field_named(data, field):
+    with pytest.raises(SpecError) as err:
+        parse_spec(data)
+    assert str(err.value).startswith(field + ":")
+
+
+def test_invalid_toml_names_the_file(tmp_path):
+    path = tmp_path / "broken.toml"
+    path.write_text("name = \n")
+    with pytest.raises(SpecError, match="broken.toml: not valid TOML"):
+        load_spec(path)
+
+
+def test_overrides_apply_dotted_keys_and_revalidate():
+    spec = parse_spec({"name": "x"})
+    clone = spec.with_overrides({"lora.rank": 16, "optim.lr": 1e-3, "name": "y"})
+    assert (clone.lora.rank, clone.optim.lr, clone.name) == (16, 1e-3, "y")
+    assert spec.lora.rank == 8  # the original is untouched
+    with pytest.raises(SpecError, match="lora.rank"):
+        spec.with_overrides({"lora.rank": -2})
+    with pytest.raises(SpecError, match="lora.nope: no such field"):
+        spec.with_overrides({"lora.nope": 1})
