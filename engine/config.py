@@ -43,6 +43,7 @@ class RolloutSpec:
     max_tokens: int = 8
     temperature: float = 1.0
     top_p: float = 1.0
+    ignore_eos: bool = False  # always sample max_tokens (benchmarks: fixed work per step)
 
 
 @dataclass
@@ -187,7 +188,21 @@ def load_spec(path: str | Path) -> ExperimentSpec:
         raise SpecError(f"{path}: no such file") from None
     except tomllib.TOMLDecodeError as exc:
         raise SpecError(f"{path}: not valid TOML: {exc}") from None
-    return parse_spec(data)
+    return resolve_relative_paths(parse_spec(data), path.resolve().parent)
+
+
+def resolve_relative_paths(spec: ExperimentSpec, base: Path) -> ExperimentSpec:
+    """Dataset and reward-file paths in an experiment file are relative to that file,
+    not to wherever the engine daemon happens to run."""
+    if spec.task.startswith("jsonl:"):
+        data = Path(spec.task[len("jsonl:") :]).expanduser()
+        if not data.is_absolute():
+            spec.task = f"jsonl:{base / data}"
+    if spec.reward:
+        module, sep, fn = spec.reward.rpartition(":")
+        if sep and module.endswith(".py") and not Path(module).expanduser().is_absolute():
+            spec.reward = f"{base / module}:{fn}"
+    return spec
 
 
 @dataclass
@@ -204,3 +219,4 @@ class EngineConfig:
     vllm_memory_fraction: float = 0.15  # on CPU this is a share of host RAM
     vllm_kv_cache_bytes: int = 256 << 20
     max_model_len: int | None = None  # None: the model's own maximum
+    fused_train: bool = True  # one mixed-adapter forward/backward for all tenants' updates

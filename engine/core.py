@@ -92,7 +92,14 @@ class Engine:
             except (SpecError, TaskError) as exc:
                 self.store.update_experiment(row["id"], state=State.FAILED.value, error=f"cannot restore: {exc}")
                 continue
+            # A checkpoint is written just before its step is recorded: one newer than the last
+            # recorded step describes work nobody heard of; drop it and use the one before.
+            recorded = max((r["step"] for r in self.store.steps(tenant.id)), default=0)
             ckpt = latest_checkpoint(self.checkpoint_root, tenant.id)
+            while ckpt is not None and int(ckpt.name.split("-")[1]) > recorded:
+                shutil.rmtree(ckpt, ignore_errors=True)
+                self.store.drop_checkpoint(tenant.id, int(ckpt.name.split("-")[1]))
+                ckpt = latest_checkpoint(self.checkpoint_root, tenant.id)
             ckpt_step = int(ckpt.name.split("-")[1]) if ckpt else 0
             undone = self.store.roll_back_after(tenant.id, ckpt_step)
             tenant.step = ckpt_step

@@ -177,14 +177,51 @@ class Scheduler:
         rollout_s = time.time() - rollout_start
 
         self.apply_commands()  # a phase boundary
+        prepared = {}
         for tenant in tenants:
             if tenant.state != State.RUNNING or tenant.id not in results:
                 continue
             try:
-                self.finish_step(tenant, plans[tenant.id], results[tenant.id], rollout_start, rollout_s)
+                work = self.prepare(tenant, plans[tenant.id], results[tenant.id])
             except Exception as exc:  # noqa: BLE001 - one tenant's failure is only its own
                 self.fail(tenant, exc, tenant.phase)
-            self.apply_commands()
+                continue
+            if work is not None:
+                prepared[tenant.id] = work
+        self.apply_commands()
+        prepared = {tid: w for tid, w in prepared.items() if self.engine.tenants[tid].state == State.RUNNING}
+        # Between a tenant's update and its record no command is applied: an update is
+        # always synced, counted and recorded, or the tenant fails.
+        if self.engine.config.fused_train and len(prepared) > 1:
+            for tid in prepared:
+                self.phase(self.engine.tenants[tid], "train")
+            t0 = time.time()
+            work = {tid: (w["batch"], self.engine.tenants[tid].spec.grpo, self.engine.tenants[tid].spec.rollout.max_tokens)
+                    for tid, w in prepared.items()}
+            try:
+                outcomes = self.trainer.train_fused(work)
+            except Exception:  # noqa: BLE001 - isolate the culprit: train one at a time
+                outcomes = {}
+                for tid, item in work.items():
+                    try:
+                        outcomes[tid] = self.trainer.train_step(tid, *item)
+                    except Exception as exc:  # noqa: BLE001
+                        outcomes[tid] = exc
+            train_s = time.time() - t0
+            for tid, work in prepared.items():
+                self.publish_or_fail(self.engine.tenants[tid], work, outcomes[tid], train_s, rollout_start, rollout_s)
+        else:
+            for tid, work in prepared.items():
+                tenant = self.engine.tenants[tid]
+                self.phase(tenant, "train")
+                t0 = time.time()
+                try:
+                    outcome = self.trainer.train_step(tid, work["batch"], tenant.spec.grpo, tenant.spec.rollout.max_tokens)
+                except Exception as exc:  # noqa: BLE001
+                    outcome = exc
+                self.publish_or_fail(tenant, work, outcome, time.time() - t0, rollout_start, rollout_s)
+                self.apply_commands()
+        self.apply_commands()
 
     def generate_isolated(self, tenants, requests, plans) -> dict:
         """One shared batch; if it fails, retry per tenant so only the culprit fails."""
@@ -212,37 +249,54 @@ class Scheduler:
         return results
 
     def decode(self, completion) -> str:
-        ids = [i for i in completion.token_ids if i != self.tokenizer.eos_token_id]
+        ids = completion.token_ids
+        eos = self.tokenizer.eos_token_id
+        if eos in ids:  # with ignore_eos the sampler runs on; the answer ends at the first stop
+            ids = ids[: ids.index(eos)]
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def finish_step(self, tenant: Tenant, plan: dict, flat: list, rollout_start: float, rollout_s: float) -> None:
+    def prepare(self, tenant: Tenant, plan: dict, flat: list) -> dict | None:
+        """Record a due eval, score the rollouts, build the train batch (None: nothing to train)."""
         engine = self.engine
         if plan["eval"]:
             lo, hi = plan["eval"]
             accuracy = tenant.eval_accuracy([self.decode(group[0]) for group in flat[lo:hi]])
-            engine.store.record_eval(tenant.id, tenant.step, accuracy)
+            with engine.events.lock:
+                engine.store.record_eval(tenant.id, tenant.step, accuracy)
+                engine.events.emit("eval", tenant.id, step=tenant.step, accuracy=accuracy)
             tenant.last_eval_step = tenant.step
-            engine.events.emit("eval", tenant.id, step=tenant.step, accuracy=accuracy)
         if not plan["train"]:
             self.complete(tenant)
-            return
+            return None
         lo, hi = plan["train"]
         completions = flat[lo:hi]
         rollouts = Rollouts(plan["problems"], completions, [[self.decode(c) for c in g] for g in completions])
-
         self.phase(tenant, "reward")
         t0 = time.time()
         rewards, correct = tenant.score(rollouts)
         reward_s = time.time() - t0
-
-        self.phase(tenant, "train")
-        t0 = time.time()
         batch, sampler_lp = tenant.train_batch(self.tokenizer, rollouts, rewards)
-        stats = self.trainer.train_step(tenant.adapter, batch, tenant.spec.grpo, tenant.spec.rollout.max_tokens)
-        train_s = time.time() - t0
-        mask = batch.completion_mask
         has_lp = all(len(c.logprobs) == len(c.token_ids) for g in completions for c in g)
-        diff = float(((stats.trainer_logprobs.cpu() - sampler_lp).abs() * mask).sum() / mask.sum().clamp(min=1)) if has_lp else None
+        return {"rewards": rewards, "correct": correct, "batch": batch, "sampler_lp": sampler_lp if has_lp else None,
+                "reward_s": reward_s}
+
+    def publish_or_fail(self, tenant: Tenant, work: dict, outcome, train_s: float, rollout_start: float,
+                        rollout_s: float) -> None:
+        if isinstance(outcome, BaseException):
+            self.fail(tenant, outcome, "train")
+            return
+        try:
+            self.publish(tenant, work, outcome, train_s, rollout_start, rollout_s)
+        except Exception as exc:  # noqa: BLE001
+            self.fail(tenant, exc, tenant.phase)
+
+    def publish(self, tenant: Tenant, work: dict, stats, train_s: float, rollout_start: float, rollout_s: float) -> None:
+        """sync -> count -> checkpoint -> record -> report, for one trained tenant."""
+        engine = self.engine
+        mask = work["batch"].completion_mask
+        diff = None
+        if work["sampler_lp"] is not None:
+            diff = float(((stats.trainer_logprobs.cpu() - work["sampler_lp"]).abs() * mask).sum() / mask.sum().clamp(min=1))
 
         self.phase(tenant, "sync")
         t0 = time.time()
@@ -256,6 +310,7 @@ class Scheduler:
             checkpoint_s = self.checkpoint(tenant)
         end = time.time()
         ready = tenant.ready_since or rollout_start
+        rewards, correct = work["rewards"], work["correct"]
         row = {
             "tenant": tenant.id, "step": tenant.step, "time": end,
             "reward_mean": statistics.fmean(rewards), "reward_std": statistics.pstdev(rewards),
@@ -263,12 +318,13 @@ class Scheduler:
             "accuracy": sum(correct) / len(correct), "loss": stats.loss, "kl": stats.kl,
             "grad_norm": stats.grad_norm, "entropy": stats.entropy, "clip_fraction": stats.clip_fraction,
             "logprob_diff": diff, "completion_tokens": int(mask.sum().item()),
-            "queue_s": max(0.0, rollout_start - ready), "rollout_s": rollout_s, "reward_s": reward_s,
+            "queue_s": max(0.0, rollout_start - ready), "rollout_s": rollout_s, "reward_s": work["reward_s"],
             "train_s": train_s, "sync_s": sync_s, "checkpoint_s": checkpoint_s, "total_s": end - ready,
         }
         self.phase(tenant, "record")
-        engine.store.record_step(row)  # recorded before it is reported
-        engine.events.emit("step", tenant.id, **{k: v for k, v in row.items() if k != "tenant"})
+        with engine.events.lock:  # recorded before it is reported, atomically for snapshots
+            engine.store.record_step(row)
+            engine.events.emit("step", tenant.id, **{k: v for k, v in row.items() if k != "tenant"})
         tenant.ready_since = end
         tenant.set_phase("ready")
         if tenant.step >= tenant.spec.steps and not tenant.eval_due():

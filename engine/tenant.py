@@ -102,7 +102,8 @@ class Tenant:
         ro = self.spec.rollout
         return [SampleRequest(adapter=self.adapter, prompt_ids=tokenizer.encode(p.prompt, add_special_tokens=False),
                               n=ro.num_generations, max_tokens=ro.max_tokens, temperature=ro.temperature,
-                              top_p=ro.top_p, seed=derived_seed(self.spec.seed, self.step, i))
+                              top_p=ro.top_p, seed=derived_seed(self.spec.seed, self.step, i),
+                              ignore_eos=ro.ignore_eos)
                 for i, p in enumerate(problems)]
 
     def eval_due(self) -> bool:

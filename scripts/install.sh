@@ -7,7 +7,6 @@ PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
-python -m pip install -q --upgrade pip 2>/dev/null || true
 if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
   python -m pip install -q vllm
 else
@@ -19,4 +18,8 @@ else
   python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 fi
 python -m pip install -q -e '.[test]'
+# The end-to-end test drives the app in tmux, as a person would; best effort.
+if ! command -v tmux >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  (apt-get update -qq && apt-get install -y -qq tmux) >/dev/null 2>&1 || echo "tmux not installed; its test will skip"
+fi
 python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true

@@ -80,3 +80,27 @@ def test_overrides_apply_dotted_keys_and_revalidate():
         spec.with_overrides({"lora.rank": -2})
     with pytest.raises(SpecError, match="lora.nope: no such field"):
         spec.with_overrides({"lora.nope": 1})
+
+
+def test_relative_dataset_and_reward_paths_resolve_against_the_file(tmp_path):
+    (tmp_path / "sub").mkdir()
+    path = tmp_path / "sub" / "exp.toml"
+    path.write_text('name = "j"\ntask = "jsonl:data/d.jsonl"\nreward = "r.py:score"\n')
+    spec = load_spec(path)
+    assert spec.task == f"jsonl:{tmp_path / 'sub' / 'data' / 'd.jsonl'}"
+    assert spec.reward == f"{tmp_path / 'sub' / 'r.py'}:score"
+
+
+def test_shipped_examples_are_valid():
+    from pathlib import Path
+
+    from engine.tasks import make_task
+    from engine.tasks.rewards import load_reward
+
+    examples = sorted(Path(__file__).resolve().parent.parent.joinpath("examples").rglob("*.toml"))
+    assert len(examples) >= 8
+    for path in examples:
+        spec = load_spec(path)
+        make_task(spec.task, spec.task_args)
+        if spec.reward:
+            load_reward(spec.reward)

@@ -18,6 +18,7 @@ class SampleRequest:
     top_p: float = 1.0
     seed: int | None = None
     greedy: bool = False
+    ignore_eos: bool = False
 
 
 @dataclass

@@ -67,6 +67,7 @@ class PeftRolloutBackend(RolloutBackend):
         names = [req.adapter for _, req in rows]
         temps = torch.tensor([req.temperature for _, req in rows], device=device).unsqueeze(1)
         limits = [req.max_tokens for _, req in rows]
+        stops = [None if req.ignore_eos else self.eos_id for _, req in rows]
         # Rows of one request sit next to each other: sample them with that request's generator.
         spans: list[tuple[int, int, SampleRequest, int]] = []
         for i, (ri, req) in enumerate(rows):
@@ -101,7 +102,7 @@ class PeftRolloutBackend(RolloutBackend):
                         continue
                     tokens[i].append(tok)
                     logps[i].append(picked[i])
-                    if tok == self.eos_id or len(tokens[i]) >= limits[i]:
+                    if tok == stops[i] or len(tokens[i]) >= limits[i]:
                         done[i] = True
                 if all(done):
                     break

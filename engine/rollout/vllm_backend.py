@@ -83,7 +83,8 @@ class VllmRolloutBackend(RolloutBackend):
             params.append(SamplingParams(
                 n=req.n, max_tokens=req.max_tokens, logprobs=0, seed=req.seed,
                 temperature=0.0 if req.greedy else req.temperature, top_p=1.0 if req.greedy else req.top_p,
-                stop_token_ids=[self.eos_id], skip_special_tokens=False, detokenize=False))
+                stop_token_ids=[] if req.ignore_eos else [self.eos_id], ignore_eos=req.ignore_eos,
+                skip_special_tokens=False, detokenize=False))
             loras.append(self._request(req.adapter))
         outputs = self.llm.generate(prompts, params, lora_request=loras, use_tqdm=False)
         results = []

@@ -50,6 +50,29 @@ class StepStats:
     trainer_logprobs: torch.Tensor  # [B, T] before the update, detached
 
 
+def concat_batches(batches: list[TrainBatch], pad_id: int = 0) -> tuple[TrainBatch, list[slice]]:
+    """Stack several tenants' batches into one: prompts right-aligned to a common width,
+    completions left-aligned after it. Positions come from the attention mask, so the
+    extra padding changes no token's position or attention."""
+    p_width = max(b.prompt_width for b in batches)
+    c_width = max(b.completion_mask.shape[1] for b in batches)
+    rows = sum(b.input_ids.shape[0] for b in batches)
+    ids = torch.full((rows, p_width + c_width), pad_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    cmask = torch.zeros((rows, c_width), dtype=torch.float32)
+    adv = torch.zeros(rows, dtype=torch.float32)
+    slices, start = [], 0
+    for b in batches:
+        n, p, c = b.input_ids.shape[0], b.prompt_width, b.completion_mask.shape[1]
+        ids[start : start + n, p_width - p : p_width + c] = b.input_ids
+        attn[start : start + n, p_width - p : p_width + c] = b.attention_mask
+        cmask[start : start + n, :c] = b.completion_mask
+        adv[start : start + n] = b.advantages
+        slices.append(slice(start, start + n))
+        start += n
+    return TrainBatch(ids, attn, cmask, adv, p_width), slices
+
+
 class MultiAdapterTrainer:
     """Adds, trains, saves and removes named LoRA adapters on one frozen base model."""
 
@@ -196,3 +219,76 @@ class MultiAdapterTrainer:
                                         entropy=first_entropy, clip_fraction=parts.clip_fraction,
                                         trainer_logprobs=old)
         return stats
+
+    def train_fused(self, work: dict[str, tuple[TrainBatch, GrpoSpec, int]]) -> dict:
+        """Every tenant's GRPO update from one mixed-adapter forward and one backward.
+
+        The summed loss separates: tenant A's loss does not depend on tenant B's LoRA
+        weights, so d(sum)/d(theta_A) = d(loss_A)/d(theta_A) exactly as if A trained
+        alone. Each optimizer then clips and steps only its own tenant's gradients.
+        Returns StepStats per tenant, or the exception that fails that tenant.
+        """
+        names = list(work)
+        batch, slices = concat_batches([work[n][0] for n in names])
+        rows = [n for n, s in zip(names, slices) for _ in range(s.stop - s.start)]
+        mask = batch.completion_mask.to(self.device)
+        adv = batch.advantages.to(self.device)
+        results: dict = {}
+        with self.lock:
+            params = {n: self.parameters(n) for n in names}
+            for ps in params.values():
+                for p in ps:
+                    p.requires_grad_(True)
+            ref = None
+            if any(work[n][1].beta > 0 for n in names):
+                with torch.no_grad():
+                    ref, _ = self.completion_logprobs(["__base__"] * len(rows), batch)
+            old = entropy0 = None
+            live = list(names)
+            rounds = max(work[n][1].iterations for n in names)
+            parts_by = {}
+            norms: dict[str, float] = {}
+            for it in range(rounds):
+                active = [n for n in live if work[n][1].iterations > it]
+                if not active:
+                    break
+                logp, entropy = self.completion_logprobs(rows, batch, with_entropy=(it == 0))
+                if old is None:
+                    old, entropy0 = logp.detach(), entropy.detach()
+                total = None
+                for n in list(active):
+                    s, (_, grpo, max_tokens) = slices[names.index(n)], work[n]
+                    parts = grpo_loss(logp[s], old[s], adv[s], mask[s], epsilon=grpo.epsilon,
+                                      epsilon_high=grpo.epsilon_high, beta=grpo.beta,
+                                      ref_logprobs=ref[s] if ref is not None else None, loss_type=grpo.loss_type,
+                                      max_completion_length=max_tokens)
+                    if not torch.isfinite(parts.loss):
+                        results[n] = FloatingPointError(f"loss is {parts.loss.item()} at iteration {it}")
+                        live.remove(n)
+                        active.remove(n)
+                        continue
+                    parts_by[n] = parts
+                    total = parts.loss if total is None else total + parts.loss
+                for n in active:
+                    self.optimizers[n].zero_grad(set_to_none=True)
+                if total is None:
+                    break
+                total.backward()
+                for n in active:
+                    clip = self.specs[n][1].grad_clip
+                    norm = torch.nn.utils.clip_grad_norm_(params[n], clip if clip > 0 else math.inf)
+                    if not torch.isfinite(norm):
+                        self.optimizers[n].zero_grad(set_to_none=True)
+                        results[n] = FloatingPointError(f"gradient norm is {norm.item()}")
+                        live.remove(n)
+                        continue
+                    norms[n] = float(norm)
+                    self.optimizers[n].step()
+            for n in live:
+                s = slices[names.index(n)]
+                m = mask[s]
+                results[n] = StepStats(loss=float(parts_by[n].loss.detach()), kl=parts_by[n].kl, grad_norm=norms[n],
+                                       entropy=float((entropy0[s] * m).sum() / m.sum().clamp(min=1)),
+                                       clip_fraction=parts_by[n].clip_fraction,
+                                       trainer_logprobs=old[s][:, : work[n][0].completion_mask.shape[1]])
+        return results

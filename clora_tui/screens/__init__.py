@@ -1,0 +1,1 @@
+"""Screens and dialogs: warm-up, new experiment, confirm, clone, export, help."""

@@ -1,0 +1,341 @@
+"""The daemon's socket server: one Unix socket, JSON lines, a thread per connection.
+
+Every connection first proves the token kept in CLORA_HOME/token (`hello`); anything
+else is answered `unauthorized` and the connection closed. After that, requests are
+answered in order; `subscribe` turns the connection into an event stream as well
+(snapshot at sequence S, then every event with seq > S, nothing twice, nothing missing).
+
+A client can do nothing to the engine but send requests: malformed or oversized lines,
+unknown ops, wrong types, silence and half-sent messages only cost that client its
+connection. Reads are bounded (protocol.MAX_LINE), the hello has a deadline.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import secrets
+import socket
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+from engine import protocol
+from engine.core import Engine, EngineError
+
+HELLO_TIMEOUT_S = float(os.environ.get("CLORA_HELLO_TIMEOUT_S", "10"))
+READY_WAIT_S = 50.0  # how long a request that needs the model waits for the warm-up
+SNAPSHOT_LOG_LINES = 200
+NEEDS_MODEL = {"start", "clone", "pause", "resume", "kill", "export"}
+
+
+def ensure_token(home: Path) -> str:
+    """The connection token (created owner-only on first use)."""
+    path = protocol.token_path(home)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        os.chmod(path, 0o600)
+        token = path.read_text().strip()
+        if token:
+            return token
+        fd = os.open(path, os.O_WRONLY | os.O_TRUNC, 0o600)
+    token = secrets.token_hex(32)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(token + "\n")
+    return token
+
+
+class Connection:
+    """One client: a reader loop in its own thread, plus an event pusher once subscribed."""
+
+    def __init__(self, server: "EngineServer", sock: socket.socket):
+        self.server = server
+        self.sock = sock
+        self.reader = sock.makefile("rb")
+        self.write_lock = threading.Lock()
+        self.closed = threading.Event()
+        self.subscription = None
+
+    # -- plumbing --------------------------------------------------------------------
+    def send(self, message: dict) -> bool:
+        data = protocol.encode(message)
+        with self.write_lock:
+            if self.closed.is_set():
+                return False
+            try:
+                self.sock.sendall(data)
+                return True
+            except OSError:
+                self.close()
+                return False
+
+    def close(self) -> None:
+        if self.closed.is_set():
+            return
+        self.closed.set()
+        if self.subscription is not None:
+            self.server.engine.events.unsubscribe(self.subscription)
+        for action in (lambda: self.sock.shutdown(socket.SHUT_RDWR), self.reader.close, self.sock.close):
+            try:
+                action()
+            except OSError:
+                pass
+
+    def read_line(self) -> bytes | None:
+        """One line, at most MAX_LINE bytes; None at end of stream (or a half-sent message)."""
+        line = self.reader.readline(protocol.MAX_LINE + 1)
+        if not line:
+            return None
+        if not line.endswith(b"\n"):
+            if len(line) > protocol.MAX_LINE:
+                raise protocol.ProtocolError("too_large", f"message over {protocol.MAX_LINE} bytes")
+            return None  # the client went away mid-message
+        return line
+
+    # -- the loop ----------------------------------------------------------------------
+    def run(self) -> None:
+        try:
+            if self.handshake():
+                self.sock.settimeout(None)
+                self.serve_requests()
+        except (OSError, ValueError):
+            pass  # the client went away (reset, timeout, closed file)
+        except Exception:  # noqa: BLE001 - a connection must never take the server down
+            traceback.print_exc(file=sys.stderr)
+        finally:
+            self.close()
+            self.server.forget(self)
+
+    def handshake(self) -> bool:
+        self.sock.settimeout(self.server.hello_timeout)
+        try:
+            line = self.read_line()
+        except socket.timeout:
+            self.send(protocol.error(None, "unauthorized", f"no hello within {self.server.hello_timeout:g} s"))
+            return False
+        except protocol.ProtocolError as exc:
+            self.send(protocol.error(None, exc.code, str(exc)))
+            return False
+        if line is None:
+            return False
+        try:
+            req_id, op, args = protocol.parse_request(line)
+        except protocol.ProtocolError:
+            req_id, op, args = None, None, {}
+        if op != "hello" or not hmac.compare_digest(args.get("token", "").encode(), self.server.token.encode()):
+            self.send(protocol.error(req_id, "unauthorized",
+                                     "unauthorized: the first message must be hello with the token in CLORA_HOME/token"))
+            return False
+        engine = self.server.engine
+        return self.send(protocol.ok(req_id, {"engine": "clora", "version": protocol.VERSION, "pid": os.getpid(),
+                                              "stage": engine.stage, "home": str(engine.home)}))
+
+    def serve_requests(self) -> None:
+        while not self.closed.is_set():
+            try:
+                line = self.read_line()
+            except protocol.ProtocolError as exc:  # too large: we cannot find the next message
+                self.send(protocol.error(None, exc.code, str(exc)))
+                return
+            if line is None:
+                return
+            if not line.strip():
+                continue
+            try:
+                req_id, op, args = protocol.parse_request(line)
+            except protocol.ProtocolError as exc:
+                self.send(protocol.error(None, exc.code, str(exc)))
+                continue
+            if op == "subscribe":
+                self.subscribe(req_id)
+                continue
+            self.send(self.server.handle(req_id, op, args))
+            if op == "shutdown":
+                return
+
+    # -- the event stream --------------------------------------------------------------
+    def subscribe(self, req_id: Any) -> None:
+        if self.subscription is not None:
+            self.send(protocol.error(req_id, "refused", "this connection is already subscribed"))
+            return
+        try:
+            snapshot, seq, sub = self.server.snapshot_and_follow()
+        except Exception as exc:  # noqa: BLE001
+            traceback.print_exc(file=sys.stderr)
+            self.send(protocol.error(req_id, "internal", f"subscribe: {type(exc).__name__}: {exc}"))
+            return
+        self.subscription = sub
+        # The snapshot is sent before the pusher starts: no event can overtake it.
+        if not self.send(protocol.ok(req_id, {"snapshot": snapshot, "seq": seq})):
+            return
+        seen = {}
+        for tenant in snapshot["tenants"]:
+            seen[("step", tenant["id"])] = max((h["step"] for h in tenant["history"]), default=0)
+            seen[("eval", tenant["id"])] = max((e["step"] for e in tenant["evals"]), default=-1)
+        threading.Thread(target=self.push, args=(sub, seq, seen), name="clora-push", daemon=True).start()
+
+    def push(self, sub, seq: int, seen: dict) -> None:
+        """Forward events after `seq`. A step (or eval) the snapshot already holds is not sent
+        again: the scheduler records a step before the event that announces it is numbered."""
+        last = seq
+        while not self.closed.is_set():
+            event = sub.get(timeout=0.5)
+            if event is None:
+                if sub.overflowed and sub.queue.empty():
+                    self.send(protocol.error(None, "internal",
+                                             "event stream dropped: this client fell too far behind; subscribe again"))
+                    self.close()
+                    return
+                continue
+            if event["seq"] <= last:
+                continue
+            last = event["seq"]
+            key = (event["kind"], event["tenant"])
+            if key in seen and isinstance(event["data"].get("step"), int) and event["data"]["step"] <= seen[key]:
+                continue
+            if not self.send(protocol.event(event)):
+                return
+
+
+class EngineServer:
+    """Listens on CLORA_HOME/engine.sock and serves one Engine to many clients."""
+
+    def __init__(self, engine: Engine, home: Path, on_shutdown: Callable[[], None] | None = None,
+                 hello_timeout: float = HELLO_TIMEOUT_S):
+        self.engine = engine
+        self.home = Path(home)
+        self.path = protocol.socket_path(self.home)
+        self.token = ensure_token(self.home)
+        self.on_shutdown = on_shutdown or (lambda: None)
+        self.hello_timeout = hello_timeout
+        self.ready = threading.Event()  # set once the model is loaded and the scheduler runs
+        self.failed: str | None = None
+        self.connections: set[Connection] = set()
+        self.conn_lock = threading.Lock()
+        self.listener: socket.socket | None = None
+        self.thread: threading.Thread | None = None
+        self.stopping = threading.Event()
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def start(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        if self.path.exists() or self.path.is_symlink():
+            self.path.unlink()  # the caller holds the engine lock: this socket is stale
+        old_umask = os.umask(0o177)  # no window in which the socket is reachable by others
+        try:
+            sock.bind(str(self.path))
+        finally:
+            os.umask(old_umask)
+        os.chmod(self.path, 0o600)
+        sock.listen(64)
+        self.listener = sock
+        self.thread = threading.Thread(target=self.accept_loop, name="clora-accept", daemon=True)
+        self.thread.start()
+
+    def accept_loop(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                if self.stopping.is_set():
+                    return
+                time.sleep(0.05)
+                continue
+            conn = Connection(self, client)
+            with self.conn_lock:
+                self.connections.add(conn)
+            threading.Thread(target=conn.run, name="clora-conn", daemon=True).start()
+
+    def forget(self, conn: Connection) -> None:
+        with self.conn_lock:
+            self.connections.discard(conn)
+
+    def close(self) -> None:
+        """Stop accepting, drop every client, remove the socket file."""
+        self.stopping.set()
+        if self.listener is not None:
+            try:
+                self.listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self.listener.close()
+        with self.conn_lock:
+            conns = list(self.connections)
+        for conn in conns:
+            conn.close()
+        try:
+            self.path.unlink()
+        except OSError:
+            pass
+
+    # -- requests ----------------------------------------------------------------------
+    def wait_ready(self) -> None:
+        if self.failed:
+            raise EngineError(f"the engine failed to start: {self.failed}")
+        if not self.ready.wait(READY_WAIT_S):
+            raise EngineError(f"the engine is still warming up ({self.engine.stage}); "
+                              "try again when `clora-tui engine status` says ready")
+
+    def handle(self, req_id: Any, op: str, args: dict) -> dict:
+        try:
+            return protocol.ok(req_id, self.dispatch(op, args))
+        except EngineError as exc:
+            return protocol.error(req_id, "refused", str(exc))
+        except protocol.ProtocolError as exc:
+            return protocol.error(req_id, exc.code, str(exc))
+        except Exception as exc:  # noqa: BLE001 - report, log, and keep serving
+            traceback.print_exc(file=sys.stderr)
+            return protocol.error(req_id, "internal", f"{op}: {type(exc).__name__}: {exc}")
+
+    def dispatch(self, op: str, args: dict) -> Any:
+        engine = self.engine
+        if op in NEEDS_MODEL:
+            self.wait_ready()
+        if op == "hello":
+            return {"engine": "clora", "version": protocol.VERSION, "pid": os.getpid(), "stage": engine.stage}
+        if op == "status":
+            return {**engine.status(), "ready": self.ready.is_set(), "failed": self.failed,
+                    "socket": str(self.path), "clients": len(self.connections)}
+        if op == "list":
+            return engine.list_tenants()
+        if op == "get":
+            return engine.get(args["id"])
+        if op == "history":
+            return engine.history(args["id"], args.get("since", 0))
+        if op == "start":
+            return engine.submit(args["spec"])
+        if op in ("pause", "resume", "kill"):
+            return getattr(engine, op)(args["id"])
+        if op == "clone":
+            return engine.clone(args["id"], args.get("overrides") or {})
+        if op == "export":
+            if not os.path.isabs(args["path"]):
+                raise EngineError(f"export: {args['path']!r} must be an absolute path")
+            return engine.export(args["id"], args["path"])
+        if op == "logs":
+            limit = max(1, min(args.get("limit", SNAPSHOT_LOG_LINES), 10000))
+            if "since" in args:
+                return engine.store.events(args["since"], ("log", "engine"), limit)
+            return engine.store.recent_events(("log", "engine"), limit)
+        if op == "shutdown":
+            threading.Thread(target=self.on_shutdown, name="clora-shutdown", daemon=True).start()
+            return {"stopping": True, "pid": os.getpid()}
+        raise protocol.ProtocolError("unknown_op", f"unknown op {op!r}")
+
+    def snapshot_and_follow(self):
+        """Status, every tenant with its history, the recent log, taken at one sequence number."""
+        engine = self.engine
+
+        def build() -> dict:
+            status = {**engine.status(), "ready": self.ready.is_set(), "failed": self.failed}
+            tenants = [engine.get(row["id"]) for row in engine.store.experiments()]
+            return {"status": status, "tenants": tenants,
+                    "log": engine.store.recent_events(("log", "engine"), SNAPSHOT_LOG_LINES)}
+
+        # Lock order engine.lock -> events.lock, the same as Engine.submit's.
+        with engine.lock:
+            return engine.events.snapshot_then_follow(build)
