@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import threading
-import time
 import tomllib
 from pathlib import Path
 from typing import Any, Iterable

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from clora_tui.client import EngineClient, EngineRefused, EngineUnavailable
+from clora_tui.format import nbytes
 from engine import protocol
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_NO_ENGINE = 0, 1, 2, 3
@@ -48,16 +49,6 @@ def table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     cells += [[fmt(row.get(key)) for key, _ in columns] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
-
-
-def human_bytes(n: float | None) -> str:
-    if not n:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def human_s(s: float | None) -> str:
@@ -97,7 +88,7 @@ def call(args, op: str, **kwargs) -> Any:
 
 # -- engine start|stop|status --------------------------------------------------------------
 def cmd_engine_start(args) -> int:
-    from engine.daemon import DaemonError, start_daemon
+    from clora_tui.launcher import DaemonError, start_daemon
 
     if args.max_loras < 1 or args.max_lora_rank < 1:
         raise CliError("--max-loras and --max-lora-rank must be >= 1", EXIT_USAGE)
@@ -119,7 +110,7 @@ def cmd_engine_start(args) -> int:
 
 
 def cmd_engine_stop(args) -> int:
-    from engine.daemon import DaemonError, stop_daemon
+    from clora_tui.launcher import DaemonError, stop_daemon
 
     try:
         pid = stop_daemon(home_of(args), timeout=args.timeout)
@@ -147,15 +138,15 @@ def cmd_engine_status(args) -> int:
         ("tenants", tenants),
         ("adapter slots", f"{status.get('slots_used')} used / {status.get('slots_free')} free "
                           f"(of {status.get('slots_total')}, max rank {status.get('max_lora_rank')})"),
-        ("memory", f"RSS {human_bytes(proc.get('rss'))} (peak {human_bytes(proc.get('peak_rss'))}), "
+        ("memory", f"RSS {nbytes(proc.get('rss'))} (peak {nbytes(proc.get('peak_rss'))}), "
                    f"CPU {fmt(proc.get('cpu_percent'))} %, {proc.get('processes', '-')} process(es)"),
     ]
     for gpu in gpus:
         if "error" in gpu:
             lines.append((f"gpu {gpu.get('index')}", gpu["error"]))
         else:
-            lines.append((f"gpu {gpu['index']}", f"{gpu['name']}: {human_bytes(gpu['memory_used'])} / "
-                                                f"{human_bytes(gpu['memory_total'])}, util {gpu['util']} %"))
+            lines.append((f"gpu {gpu['index']}", f"{gpu['name']}: {nbytes(gpu['memory_used'])} / "
+                                                f"{nbytes(gpu['memory_total'])}, util {gpu['util']} %"))
     if not gpus:
         lines.append(("gpu", (status.get("system") or {}).get("gpu_error") or "none"))
     if status.get("failed"):
@@ -335,10 +326,10 @@ def cmd_logs(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    """The benchmark runs engines of its own, in a separate process (python -m engine.bench)."""
-    import subprocess
+    """The benchmark starts and stops engine daemons of its own (fresh CLORA_HOMEs)."""
+    from clora_tui.bench import main as bench_main
 
-    return subprocess.call([sys.executable, "-m", "engine.bench", *args.bench_args])
+    return bench_main(args.bench_args)
 
 
 def cmd_app(args) -> int:

@@ -69,7 +69,7 @@ class EngineSource:
     def start_engine(self) -> None:
         """Start the daemon (detached); returns once its socket answers, before warm-up ends,
         so the app can show the warm-up itself."""
-        from engine.daemon import start_daemon
+        from clora_tui.launcher import start_daemon
 
         start_daemon(self.home, wait_ready=False, say=lambda _message: None, **self.engine_args)
 

@@ -21,6 +21,11 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--backend", default="auto", choices=("auto", "vllm", "peft"))
     serve.add_argument("--max-loras", type=int, default=8, help="adapter slots (tenants in flight at once)")
     serve.add_argument("--max-lora-rank", type=int, default=64)
+    train = serve.add_mutually_exclusive_group()
+    train.add_argument("--fused-train", dest="fused_train", action="store_const", const=True, default=None,
+                       help="all tenants' updates in one mixed-adapter forward/backward (default on CUDA)")
+    train.add_argument("--serial-train", dest="fused_train", action="store_const", const=False,
+                       help="train tenants one at a time (default on CPU)")
     args = parser.parse_args(argv)
 
     from engine.daemon import DaemonError, config_from_args, serve as run_serve

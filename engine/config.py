@@ -219,4 +219,7 @@ class EngineConfig:
     vllm_memory_fraction: float = 0.15  # on CPU this is a share of host RAM
     vllm_kv_cache_bytes: int = 256 << 20
     max_model_len: int | None = None  # None: the model's own maximum
-    fused_train: bool = True  # one mixed-adapter forward/backward for all tenants' updates
+    # One mixed-adapter forward/backward for all tenants' updates (exact, see trainer.train_fused).
+    # None = auto: on CUDA, where it amortises kernel launches; not on CPU, where the step is
+    # compute-bound and the fused batch only doubles peak memory (measured: bench --serial-train).
+    fused_train: bool | None = None

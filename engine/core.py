@@ -251,7 +251,7 @@ class Engine:
             "rank": tenant.spec.lora.rank, "reward": last.get("reward_mean"), "accuracy": last.get("accuracy"),
             "eval_accuracy": evals[-1]["accuracy"] if evals else None, "step_s": last.get("total_s"),
             "queue_s": last.get("queue_s"), "warmup_s": tenant.warmup_s, "phase": tenant.phase,
-            "phase_since": tenant.phase_since, "adapter_bytes": adapter_bytes,
+            "phase_since": tenant.phase_since, "adapter_bytes": adapter_bytes, "finished": tenant.finished,
         }
 
     def list_tenants(self) -> list[dict]:
@@ -271,7 +271,7 @@ class Engine:
                          "reward": last.get("reward_mean"), "accuracy": last.get("accuracy"),
                          "eval_accuracy": evals[-1]["accuracy"] if evals else None, "step_s": last.get("total_s"),
                          "queue_s": last.get("queue_s"), "warmup_s": row["warmup_s"], "phase": row["state"],
-                         "phase_since": row["finished"], "adapter_bytes": 0})
+                         "phase_since": row["finished"], "adapter_bytes": 0, "finished": row["finished"]})
         return rows
 
     def get(self, tenant_id: str) -> dict:
@@ -300,6 +300,7 @@ class Engine:
             "uptime_s": round(time.time() - self.created, 1), "cold_start_s": self.cold_start_s,
             "tenants": dict(counts), "slots_total": self.config.max_loras, "slots_used": in_flight,
             "slots_free": self.config.max_loras - in_flight, "max_lora_rank": self.config.max_lora_rank,
+            "fused_train": getattr(getattr(self, "scheduler", None), "fused", None),
             "system": self.system_sample(),
         }
 

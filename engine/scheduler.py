@@ -26,6 +26,8 @@ class Scheduler:
         self.trainer = engine.loaded.trainer
         self.backend = engine.loaded.backend
         self.last_system = 0.0
+        fused = engine.config.fused_train
+        self.fused = fused if fused is not None else engine.loaded.device.type == "cuda"
 
     # -- loop -------------------------------------------------------------------------
     def run(self) -> None:
@@ -58,7 +60,7 @@ class Scheduler:
             tenant.error = error
         fields = {"state": state.value, "reason": reason, "error": tenant.error}
         if state in FINAL_STATES:
-            fields["finished"] = time.time()
+            fields["finished"] = tenant.finished = time.time()
             tenant.set_phase(state.value)
         self.engine.store.update_experiment(tenant.id, **fields)
         self.engine.events.emit("state", tenant.id, state=state.value, reason=reason, error=tenant.error,
@@ -192,7 +194,7 @@ class Scheduler:
         prepared = {tid: w for tid, w in prepared.items() if self.engine.tenants[tid].state == State.RUNNING}
         # Between a tenant's update and its record no command is applied: an update is
         # always synced, counted and recorded, or the tenant fails.
-        if self.engine.config.fused_train and len(prepared) > 1:
+        if self.fused and len(prepared) > 1:
             for tid in prepared:
                 self.phase(self.engine.tenants[tid], "train")
             t0 = time.time()

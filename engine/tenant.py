@@ -72,6 +72,7 @@ class Tenant:
     created: float = field(default_factory=time.time)
     started: float | None = None  # start request accepted (warm-up is measured from here)
     first_step: float | None = None
+    finished: float | None = None
     warmup_s: float | None = None
     ready_since: float | None = None  # when it last became ready for a rollout (queue wait starts)
     phase: str = "queued"

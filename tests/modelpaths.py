@@ -1,6 +1,5 @@
 """Where tests find the embedded model (committed) and how they start engines cheaply."""
 
-from pathlib import Path
 
 from engine.models import EMBEDDED_MODEL_DIR
 

@@ -141,7 +141,7 @@ def test_fused_update_equals_one_tenant_at_a_time(loaded):
         for fused, serial, seed in (("fa", "sa", 1), ("fb", "sb", 2)):
             gen = torch.Generator().manual_seed(seed)
             for p, q in zip(trainer.parameters(fused), trainer.parameters(serial)):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
                 q.copy_(p)
     try:
         batch_a = make_batch(loaded, "37+45=", sample(loaded, "a", "37+45=", n=4, seed=1), [1.0, -1.0, 0.5, -0.5])
@@ -154,7 +154,21 @@ def test_fused_update_equals_one_tenant_at_a_time(loaded):
             assert fused[f].grad_norm == pytest.approx(serial[s].grad_norm, rel=1e-4)
             # .grad keeps the (clipped) gradient each optimizer stepped with.
             for p, q in zip(trainer.parameters(f), trainer.parameters(s)):
-                assert (p.grad - q.grad).abs().max() <= 1e-4 * q.grad.abs().max() + 1e-8
+                assert (p.grad - q.grad).abs().max() <= 1e-3 * q.grad.abs().max() + 1e-8
     finally:
         for name in ("fa", "sa", "fb", "sb"):
             trainer.remove_adapter(name)
+
+
+def test_an_exported_adapter_loads_with_peft_from_pretrained(loaded, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = loaded.trainer.save_adapter("a", tmp_path / "adapter-a")
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    fresh = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir()), str(out)).eval()
+    ids = torch.tensor([encode(loaded, "37+45=")])
+    with torch.no_grad():
+        theirs = fresh(input_ids=ids).logits
+        ours = loaded.trainer.model(input_ids=ids, adapter_names=["a"]).logits
+    assert torch.allclose(theirs, ours, atol=1e-5)

@@ -12,8 +12,11 @@ from tests.modelpaths import BACKENDS, model_dir, tiny_spec
 
 @pytest.fixture(scope="module", params=BACKENDS)
 def engine(request, tmp_path_factory):
+    # Fused multi-tenant training is the CUDA default; exercise it here on the vLLM engine,
+    # and one-at-a-time training (the CPU default) on the PEFT one.
     eng = Engine(EngineConfig(model=model_dir(), backend=request.param, max_loras=4, max_lora_rank=16,
-                              vllm_kv_cache_bytes=64 << 20), tmp_path_factory.mktemp(f"home-{request.param}"))
+                              vllm_kv_cache_bytes=64 << 20, fused_train=request.param == "vllm"),
+                 tmp_path_factory.mktemp(f"home-{request.param}"))
     eng.warm_up()
     yield eng
     eng.shutdown()
@@ -114,7 +117,7 @@ def test_bad_specs_are_refused_at_submit(engine, spec, message):
 
 def test_checkpoint_restores_weights_optimizer_and_step_exactly(engine, tmp_path):
     from engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-    from engine.config import LoraSpec, OptimSpec
+
 
     tid = engine.submit(tiny_spec("ckpt", steps=200, checkpoint_every=1000))["id"]
     wait_for(lambda: engine.tenants[tid].step >= 2, what="two steps")
@@ -122,7 +125,7 @@ def test_checkpoint_restores_weights_optimizer_and_step_exactly(engine, tmp_path
     wait_state(engine, tid, "paused")
     trainer = engine.loaded.trainer
     with trainer.lock:
-        path = save_checkpoint(trainer, tid, engine.tenants[tid].step, tmp_path, {})
+        save_checkpoint(trainer, tid, engine.tenants[tid].step, tmp_path, {})
         weights = trainer.adapter_state(tid)
         moments = trainer.optimizer_state(tid)
         trainer.add_adapter("restored", engine.tenants[tid].spec.lora, engine.tenants[tid].spec.optim, seed=99)

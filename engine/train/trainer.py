@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from engine.config import GrpoSpec, LoraSpec, OptimSpec
 from engine.train.grpo import grpo_loss

@@ -1,11 +1,13 @@
 """Concurrent multi-LoRA throughput against one-experiment-at-a-time, on this machine.
 
-    python -m engine.bench [--quick] [--n 1,2,4,8] [--steps S] [--model M] [--backend peft|vllm|all]
+    clora-tui bench [--quick] [--n 1,2,4,8] [--steps S] [--model M] [--backend peft|vllm|all]
                            [--tasks arithmetic,sort] [--json FILE] [--plot FILE.png]
 
 For each N: the first N experiments run concurrently on one engine, against the
 baseline of the same N experiments run one after another, each on a freshly started
-single-tenant engine (max_loras=1) -- the same code doing the same work. Completion
+single-tenant engine (max_loras=1) -- the same code doing the same work. Every engine
+is a real daemon process started from scratch, so its cold start is what a user waits
+for (process start, imports, model load, inference engine start). Completion
 lengths are fixed (`ignore_eos`), so every run samples the same number of tokens.
 The baseline's single-tenant runs are shared between N values: experiment i is the
 same spec (seed i) whatever N is.
@@ -19,16 +21,14 @@ import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from engine.config import EngineConfig
-from engine.core import Engine
-from engine.loading import vllm_installed
-from engine.telemetry import GpuProbe, ProcessProbe
-from engine.tenant import FINAL_STATES
+from clora_tui.client import EngineClient
+from clora_tui.launcher import start_daemon, stop_daemon
+
+FINAL_STATES = {"done", "killed", "failed"}
 
 REFERENCE = {  # SkyRL concurrent multi-LoRA, one H200, Qwen3-4B-Instruct, GSM8K
     "throughput_gain_n8": 2.81, "best_mean_experiment_time_gain": (1.88, 4), "step_time_n1_s": 191,
@@ -48,7 +48,7 @@ class BenchConfig:
     prompts_per_step: int = 8
     num_generations: int = 8
     max_tokens: int = 8
-    fused_train: bool = True
+    fused_train: bool | None = None  # None: the engine's default for its device
 
 
 def log(message: str) -> None:
@@ -64,67 +64,57 @@ def experiment_spec(i: int, cfg: BenchConfig) -> dict:
     }
 
 
-class PeakSampler:
-    """Peak RSS of this process tree and peak GPU memory while a run lasts."""
+def vllm_installed() -> bool:
+    import importlib.util
 
-    def __init__(self):
-        self.proc, self.gpu = ProcessProbe(), GpuProbe()
-        self.peak_rss = self.peak_gpu = 0
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.loop, daemon=True)
-
-    def loop(self):
-        while not self.stop.wait(0.25):
-            self.peak_rss = max(self.peak_rss, self.proc.sample()["rss"])
-            used = sum(g.get("memory_used", 0) for g in self.gpu.sample())
-            self.peak_gpu = max(self.peak_gpu, used)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join()
+    return importlib.util.find_spec("vllm") is not None
 
 
 def run_engine(cfg: BenchConfig, backend: str, indices: list[int], label: str) -> dict:
-    """Start a fresh engine, run these experiments concurrently to the end, stop it."""
-    home = Path(tempfile.mkdtemp(prefix="clora-bench-"))
+    """Start a fresh engine daemon, run these experiments concurrently to the end, stop it."""
+    home = Path(tempfile.mkdtemp(prefix="clora-bench-", dir="/tmp"))
+    extra = {None: [], True: ["--fused-train"], False: ["--serial-train"]}[cfg.fused_train]
+    launched = time.time()
     try:
-        with PeakSampler() as peak:
-            engine = Engine(EngineConfig(model=cfg.model, backend=backend, max_loras=max(1, len(indices)),
-                                         fused_train=cfg.fused_train), home)
-            engine.warm_up()
+        start_daemon(home, model=cfg.model, backend=backend, max_loras=max(1, len(indices)),
+                     say=lambda _message: None, extra_args=extra)
+        cold = time.time() - launched  # process start -> ready, as a single-tenant stack pays it
+        peak_rss = peak_gpu = 0
+        with EngineClient(home, timeout=120).connect() as client:
             submitted = time.time()
-            ids = [engine.submit(experiment_spec(i, cfg))["id"] for i in indices]
+            ids = [client.call("start", spec=experiment_spec(i, cfg))["id"] for i in indices]
             last_report = 0.0
-            while not all(engine.tenants[t].state in FINAL_STATES for t in ids):
+            while True:
+                system = client.call("status")["system"]
+                peak_rss = max(peak_rss, system["process"]["rss"])
+                peak_gpu = max(peak_gpu, sum(g.get("memory_used", 0) for g in system["gpus"]))
+                rows = {r["id"]: r for r in client.call("list") if r["id"] in ids}
+                if all(r["state"] in FINAL_STATES for r in rows.values()):
+                    break
                 if time.time() - last_report > 10:
-                    done = sum(engine.tenants[t].step for t in ids)
-                    log(f"{label}: {done}/{cfg.steps * len(ids)} steps")
+                    log(f"{label}: {sum(r['step'] for r in rows.values())}/{cfg.steps * len(ids)} steps")
                     last_report = time.time()
-                time.sleep(0.05)
-            wall = time.time() - submitted
-            failed = [engine.tenants[t].error for t in ids if engine.tenants[t].state.value != "done"]
-            rows = {t: engine.history(t) for t in ids}
-            finished = {r["id"]: r["finished"] - submitted for r in engine.store.experiments()}
-            evals = {t: engine.store.evals(t) for t in ids}
-            warmups = [engine.tenants[t].warmup_s for t in ids]
-            cold = engine.cold_start_s
-            engine.shutdown(checkpoint=False)
+                time.sleep(0.25)
+            wall = max(r["finished"] for r in rows.values()) - submitted
+            details = {t: client.call("get", id=t) for t in ids}
     finally:
-        shutil.rmtree(home, ignore_errors=True)
+        try:
+            stop_daemon(home, say=lambda _message: None)
+        finally:
+            shutil.rmtree(home, ignore_errors=True)
+    failed = [f"{t}: {d['error']}" for t, d in details.items() if d["state"] != "done"]
     if failed:
         raise RuntimeError(f"{label}: experiments failed: {failed}")
-    steps = [r for t in ids for r in rows[t]]
+    steps = [r for t in ids for r in details[t]["history"]]
     return {
-        "cold_start_s": cold, "wall_s": wall, "finish_s": [finished[t] for t in ids],
-        "steps_done": [len(rows[t]) for t in ids],
+        "cold_start_s": cold, "wall_s": wall,
+        "finish_s": [details[t]["finished"] - submitted for t in ids],
+        "steps_done": [len(details[t]["history"]) for t in ids],
         "step_s": statistics.fmean(r["total_s"] for r in steps),
         "phases": {p: statistics.fmean(r[p] for r in steps) for p in PHASES},
-        "warmup_s": statistics.fmean(warmups), "peak_rss": peak.peak_rss, "peak_gpu": peak.peak_gpu,
-        "accuracy": [{"first": evals[t][0]["accuracy"], "final": evals[t][-1]["accuracy"]} for t in ids],
+        "warmup_s": statistics.fmean(details[t]["warmup_s"] for t in ids), "peak_rss": peak_rss, "peak_gpu": peak_gpu,
+        "accuracy": [{"first": details[t]["evals"][0]["accuracy"], "final": details[t]["evals"][-1]["accuracy"]}
+                     for t in ids],
     }
 
 
@@ -251,11 +241,15 @@ def parse_args(argv=None) -> tuple[BenchConfig, list[str], argparse.Namespace]:
     p.add_argument("--prompts-per-step", type=int, default=None)
     p.add_argument("--num-generations", type=int, default=None)
     p.add_argument("--max-tokens", type=int, default=None)
-    p.add_argument("--serial-train", action="store_true", help="train tenants one at a time (no fused step)")
+    train = p.add_mutually_exclusive_group()
+    train.add_argument("--fused-train", dest="fused_train", action="store_const", const=True, default=None,
+                       help="one fused mixed-adapter training step for all tenants (default on CUDA)")
+    train.add_argument("--serial-train", dest="fused_train", action="store_const", const=False,
+                       help="train tenants one at a time (default on CPU)")
     p.add_argument("--json", type=Path, help="write every number to this file")
     p.add_argument("--plot", type=Path, help="draw throughput gain and step time against N (PNG)")
     args = p.parse_args(argv)
-    cfg = BenchConfig(model=args.model, tasks=args.tasks.split(","), fused_train=not args.serial_train)
+    cfg = BenchConfig(model=args.model, tasks=args.tasks.split(","), fused_train=args.fused_train)
     if args.quick:
         cfg.ns, cfg.steps, cfg.prompts_per_step, cfg.num_generations = [1, 2, 4], 4, 4, 4
     if args.n:
