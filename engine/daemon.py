@@ -67,14 +67,24 @@ def try_lock(home: Path):
     return fd
 
 
-def engine_running(home: Path) -> int | None:
-    """The pid of the engine running under `home` (0 if its pid is unknown), else None."""
-    fd = try_lock(home)
-    if fd is None:
+def engine_running(home: Path, settle_s: float = 5.0) -> int | None:
+    """The pid of the engine running under `home` (0 if its pid is unknown), else None.
+
+    A killed multi-threaded process shows as a zombie while its other threads are still
+    exiting and still hold its files, the lock among them; give that a moment to settle.
+    """
+    deadline = time.time() + settle_s
+    while True:
+        fd = try_lock(home)
+        if fd is not None:
+            os.close(fd)
+            return None
         pid = read_pid(home)
-        return pid if pid_alive(pid) else 0
-    os.close(fd)
-    return None
+        if pid_alive(pid):
+            return pid
+        if time.time() >= deadline:
+            return 0
+        time.sleep(0.05)
 
 
 def clean_stale(home: Path, say: Callable[[str], None] = print) -> list[str]:
