@@ -219,7 +219,8 @@ def plot(results: list[dict], path: Path) -> None:
         ax1.plot(ns, [r["throughput_gain_without_cold_starts"] for r in res["rows"]], marker="x", linestyle="--",
                  label=f"{res['backend']} (no cold starts)")
         ax2.plot(ns, [r["mean_step_s"] for r in res["rows"]], marker="o", label=res["backend"])
-    ax1.plot([1, 8], [1, REFERENCE["throughput_gain_n8"]], color="grey", linestyle=":", label="reference (SkyRL)")
+    ax1.scatter([8], [REFERENCE["throughput_gain_n8"]], color="grey", marker="*", s=120, zorder=3,
+                label="reference N=8 (SkyRL, H200)")
     ax1.set(xlabel="concurrent experiments N", ylabel="experiment throughput gain", title="Throughput gain")
     ax2.set(xlabel="concurrent experiments N", ylabel="mean step time (s)", title="Step time")
     for ax in (ax1, ax2):

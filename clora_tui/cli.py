@@ -157,38 +157,22 @@ def cmd_engine_status(args) -> int:
 
 
 # -- experiments ---------------------------------------------------------------------------
-def _absolutize(data: dict, base: Path) -> dict:
-    """Paths in a spec (reward file, jsonl dataset) are relative to the spec file."""
-    reward = data.get("reward")
-    if isinstance(reward, str) and ".py:" in reward:
-        path, _, fn = reward.rpartition(":")
-        if not os.path.isabs(os.path.expanduser(path)):
-            data["reward"] = f"{(base / path).resolve()}:{fn}"
-    task = data.get("task")
-    if isinstance(task, str) and task.startswith("jsonl:"):
-        path = task[len("jsonl:"):]
-        if not os.path.isabs(os.path.expanduser(path)):
-            data["task"] = f"jsonl:{(base / path).resolve()}"
-    return data
-
-
 def cmd_submit(args) -> int:
     from engine.config import SpecError, load_spec
 
-    path = Path(args.file)
-    try:
-        load_spec(path)  # a clear local error before anything is sent
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except SpecError as exc:
-        raise CliError(f"invalid experiment spec: {exc}") from None
-    except OSError as exc:
-        raise CliError(f"cannot read {path}: {exc}") from None
-    data = _absolutize(data, path.resolve().parent)
-    result = call(args, "start", spec=data)
+    specs = []
+    for name in args.files:  # validate every file before anything is sent
+        try:
+            # load_spec resolves dataset and reward paths against the file's folder
+            specs.append(load_spec(Path(name)).to_dict())
+        except SpecError as exc:
+            raise CliError(f"invalid experiment spec: {exc}") from None
+    results = [call(args, "start", spec=spec) for spec in specs]
     if args.json:
-        emit_json(result)
+        emit_json(results[0] if len(results) == 1 else results)
     else:
-        print(result["id"])
+        for result in results:
+            print(result["id"])
     return EXIT_OK
 
 
@@ -377,8 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_engine_status)
 
-    p = sub.add_parser("submit", help="start an experiment from a TOML spec; prints its id")
-    p.add_argument("file")
+    p = sub.add_parser("submit", help="start experiments from TOML specs; prints their ids")
+    p.add_argument("files", nargs="+", metavar="FILE")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_submit)
 

@@ -112,6 +112,12 @@ def test_submit_refusals_name_the_problem(daemon, tmp_path):
     unknown = daemon.cli("pause", "e99")
     assert unknown.returncode == 1 and "no experiment 'e99'" in unknown.stderr
 
+    good = [write_spec(tmp_path, f"sweep-{i}", steps=2) for i in range(2)]
+    mixed = daemon.cli("submit", good[0], tmp_path / "steps.toml")  # one bad file: nothing is sent
+    assert mixed.returncode == 1 and daemon.json("ls") == []
+    ids = daemon.cli("submit", *good, check=True).stdout.split()
+    assert ids == ["e1", "e2"]
+
 
 def test_commands_without_engine_say_how_to_start_one(home):
     for args in (["ls"], ["engine", "status"], ["show", "e1"], ["pause", "e1"], ["logs"]):
