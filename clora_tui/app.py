@@ -18,6 +18,7 @@ from typing import Any, Iterable
 from textual import on, work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
+from textual.css.query import NoMatches
 from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Input, TabbedContent, TabPane
@@ -149,19 +150,34 @@ class CloraApp(App):
                 yield LogPane(id="log-side")
         yield Footer()
 
+    @property
+    def dashboard(self) -> Screen:
+        """The base screen. Timers and actions query its widgets through this, so they keep
+        working while a dialog (new experiment, confirm, help) is the active screen."""
+        return self.screen_stack[0] if self.screen_stack else self.screen
+
     def on_mount(self) -> None:
         self.theme_changed_signal.subscribe(self, lambda _theme: self.redraw_all())
         if self.notify_later:
             self.notify(self.notify_later, severity="warning")
-        self.query_one(TenantTable).focus()
+        self.dashboard.query_one(TenantTable).focus()
         if not self.source.live:
             self.connection = "recorded"
             self.apply_snapshot(self.source.open())
         else:
             self.follow_engine()
-        self.set_interval(0.1, self.drain_events)
-        self.set_interval(0.6, self.refresh_slow)
+        self.set_interval(0.1, self.while_mounted(self.drain_events))
+        self.set_interval(0.6, self.while_mounted(self.refresh_slow))
         self.refresh_status()
+
+    def while_mounted(self, tick):
+        """A timer callback that skips ticks while the dashboard is being torn down."""
+        def guarded() -> None:
+            try:
+                tick()
+            except NoMatches:  # only while the base screen's widgets are being removed
+                pass
+        return guarded
 
     def get_theme_variable_defaults(self) -> dict[str, str]:
         return dict(theming.CUSTOM_DEFAULTS)
@@ -277,7 +293,7 @@ class CloraApp(App):
             return
         if self.screen is screen:
             self.pop_screen()
-            self.query_one(TenantTable).focus()
+            self.dashboard.query_one(TenantTable).focus()
         else:  # a dialog (help) is open above it: try again once that is closed
             self.set_timer(0.5, self.hide_warmup)
 
@@ -305,7 +321,7 @@ class CloraApp(App):
         for view in self.model.tenants.values():
             if not view.loaded and self.source.live:
                 self.fetch_tenant(view.id)
-        for pane in self.query(LogPane):
+        for pane in self.dashboard.query(LogPane):
             pane.clear()
             pane.add(changes.log)
         self.redraw_all()
@@ -345,7 +361,7 @@ class CloraApp(App):
                 self.fetch_tenant(tid)
         self.sync_table(total.tenants | total.added)
         if total.log:
-            for pane in self.query(LogPane):
+            for pane in self.dashboard.query(LogPane):
                 pane.add(total.log)
         selected = self.selected_id()
         if selected in total.histories or (self.marked & total.histories) or selected in total.tenants:
@@ -362,7 +378,7 @@ class CloraApp(App):
         return {k: variables.get(k, v) for k, v in theming.CUSTOM_DEFAULTS.items()}
 
     def sync_table(self, changed: set[str] | None = None) -> None:
-        table = self.query_one(TenantTable)
+        table = self.dashboard.query_one(TenantTable)
         with self.batch_update():
             table.sync(self.model, self.colours(), self.marked, self.needle, changed)
         if self.selected_id() != self.shown_tenant:
@@ -370,7 +386,7 @@ class CloraApp(App):
             self.refresh_detail()
 
     def redraw_all(self) -> None:
-        table = self.query_one(TenantTable)
+        table = self.dashboard.query_one(TenantTable)
         table.rendered.clear()
         for tid in table.order:
             table.rendered[tid] = {}
@@ -380,20 +396,20 @@ class CloraApp(App):
         self.refresh_slow()
 
     def refresh_status(self) -> None:
-        self.query_one(StatusBar).show(self.connection, self.connection_detail, self.model.status,
+        self.dashboard.query_one(StatusBar).show(self.connection, self.connection_detail, self.model.status,
                                        self.model.state_counts(), self.model.slots(), self.colours())
 
     def refresh_slow(self) -> None:
         """Plots and panels at ~1.7 Hz, and only what changed; the phase clock every time."""
         view = self.model.tenants.get(self.selected_id() or "")
-        self.query_one(PhaseLine).show(view, self.model.clock(), self.colours())
+        self.dashboard.query_one(PhaseLine).show(view, self.model.clock(), self.colours())
         if self.dirty_plots:
             self.dirty_plots = False
             self.refresh_detail()
         if self.dirty_panels:
             self.dirty_panels = False
             connection = f"{self.connection} {self.connection_detail}".strip()
-            for panel in self.query(EnginePanel):
+            for panel in self.dashboard.query(EnginePanel):
                 panel.show(self.model.status, self.model.system, self.model.state_counts(), self.model.slots(),
                            connection, self.colours())
 
@@ -408,7 +424,7 @@ class CloraApp(App):
         pairs = [(x, y) for x, y in zip(steps, rewards) if y is not None]
         smooth = [(x, y) for x, y in zip(steps, ema(rewards, 0.6)) if y is not None]
         name = f" — {view.name}" if view else ""
-        self.query_one("#reward-plot", MetricPlot).show([
+        self.dashboard.query_one("#reward-plot", MetricPlot).show([
             Series("reward", [p[0] for p in pairs], [p[1] for p in pairs], colour),
             Series("smoothed", [p[0] for p in smooth], [p[1] for p in smooth], SMOOTHED_COLOUR),
         ] if pairs else [], title=f"Reward{name}")
@@ -419,10 +435,10 @@ class CloraApp(App):
             series.append(Series("train", [a[0] for a in acc], [a[1] for a in acc], colour))
         if evals:
             series.append(Series("eval", [e[0] for e in evals], [e[1] for e in evals], EVAL_COLOUR, marker="dot", scatter=True))
-        self.query_one("#accuracy-plot", MetricPlot).show(series, title="Accuracy")
-        self.query_one(TimingBreakdown).show(history[-1] if history else None)
-        self.query_one(TimingHistory).show(history)
-        self.query_one(SpecView).show(view.spec if view else None)
+        self.dashboard.query_one("#accuracy-plot", MetricPlot).show(series, title="Accuracy")
+        self.dashboard.query_one(TimingBreakdown).show(history[-1] if history else None)
+        self.dashboard.query_one(TimingHistory).show(history)
+        self.dashboard.query_one(SpecView).show(view.spec if view else None)
         self.refresh_compare()
 
     def refresh_compare(self) -> None:
@@ -438,11 +454,11 @@ class CloraApp(App):
             series.append(Series(view.name, [p[0] for p in pts], [p[1] for p in pts], tenant_colour(view.id)))
         which = "marked" if self.marked else "all"
         smooth = f"smoothing {weight}" if weight else "no smoothing"
-        self.query_one("#compare-plot", MetricPlot).show(series, title=f"Reward, {which} ({smooth}; s toggles)")
+        self.dashboard.query_one("#compare-plot", MetricPlot).show(series, title=f"Reward, {which} ({smooth}; s toggles)")
 
     # -- selection ----------------------------------------------------------------------------
     def selected_id(self) -> str | None:
-        return self.query_one(TenantTable).selected_id()
+        return self.dashboard.query_one(TenantTable).selected_id()
 
     def selected_view(self, action: str):
         view = self.model.tenants.get(self.selected_id() or "")
@@ -574,17 +590,17 @@ class CloraApp(App):
         self.dirty_plots = True
         self.refresh_slow()
         if len(self.marked) >= 2:
-            self.query_one(TabbedContent).active = "tab-compare"
+            self.dashboard.query_one(TabbedContent).active = "tab-compare"
 
     def action_smoothing(self) -> None:
         self.smoothing_index = (self.smoothing_index + 1) % len(SMOOTHING)
         self.refresh_compare()
 
     def action_tab(self, name: str) -> None:
-        self.query_one(TabbedContent).active = f"tab-{name}"
+        self.dashboard.query_one(TabbedContent).active = f"tab-{name}"
 
     def action_filter(self) -> None:
-        box = self.query_one("#filter", Input)
+        box = self.dashboard.query_one("#filter", Input)
         box.add_class("-visible")
         box.focus()
 
@@ -595,14 +611,14 @@ class CloraApp(App):
 
     @on(Input.Submitted, "#filter")
     def filter_done(self, _event: Input.Submitted) -> None:
-        self.query_one(TenantTable).focus()
+        self.dashboard.query_one(TenantTable).focus()
 
     def on_key(self, event) -> None:
-        box = self.query_one("#filter", Input)
+        box = self.dashboard.query_one("#filter", Input)
         if event.key == "escape" and box.has_focus:
             box.value = ""
             box.remove_class("-visible")
-            self.query_one(TenantTable).focus()
+            self.dashboard.query_one(TenantTable).focus()
             event.stop()
 
     def action_next_theme(self) -> None:

@@ -18,6 +18,9 @@ from engine.checkpoint import CheckpointError, load_checkpoint, prune_checkpoint
 from engine.tenant import FINAL_STATES, Rollouts, State, Tenant
 
 
+COALESCE_S = 0.1
+
+
 class Scheduler:
     def __init__(self, engine):
         self.engine = engine
@@ -32,6 +35,7 @@ class Scheduler:
     # -- loop -------------------------------------------------------------------------
     def run(self) -> None:
         engine = self.engine
+        idle = True
         while not engine.stopping.is_set():
             try:
                 self.apply_commands()
@@ -39,11 +43,21 @@ class Scheduler:
                 self.maybe_sample_system()
                 running = [t for t in engine.tenants.values() if t.state == State.RUNNING]
                 if not running:
+                    idle = True
                     with engine.wakeup:
                         if not engine.commands and not engine.stopping.is_set():
                             engine.wakeup.wait(timeout=0.5)
                     continue
-                self.step_all(running)
+                if idle:
+                    # Waking from idle: experiments submitted together (a sweep) should share
+                    # the first batch rather than wait a whole step behind the first one.
+                    idle = False
+                    time.sleep(COALESCE_S)
+                    self.apply_commands()
+                    self.admit()
+                    running = [t for t in engine.tenants.values() if t.state == State.RUNNING]
+                if running:
+                    self.step_all(running)
             except Exception as exc:  # noqa: BLE001 - the loop must survive anything
                 engine.log(f"scheduler error: {type(exc).__name__}: {exc}\n{traceback.format_exc()}", level="error")
                 time.sleep(0.5)
