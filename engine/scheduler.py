@@ -334,9 +334,13 @@ class Scheduler:
             "accuracy": sum(correct) / len(correct), "loss": stats.loss, "kl": stats.kl,
             "grad_norm": stats.grad_norm, "entropy": stats.entropy, "clip_fraction": stats.clip_fraction,
             "logprob_diff": diff, "completion_tokens": int(mask.sum().item()),
-            "queue_s": max(0.0, rollout_start - ready), "rollout_s": rollout_s, "reward_s": work["reward_s"],
-            "train_s": train_s, "sync_s": sync_s, "checkpoint_s": checkpoint_s, "total_s": end - ready,
+            "rollout_s": rollout_s, "reward_s": work["reward_s"], "train_s": train_s, "sync_s": sync_s,
+            "checkpoint_s": checkpoint_s, "total_s": end - ready,
         }
+        # Queue wait: everything in the step that was not this tenant's own work -- waiting
+        # for the shared batch to start and for other tenants' reward/train/sync turns.
+        own = rollout_s + work["reward_s"] + train_s + sync_s + checkpoint_s
+        row["queue_s"] = max(0.0, row["total_s"] - own)
         self.phase(tenant, "record")
         with engine.events.lock:  # recorded before it is reported, atomically for snapshots
             engine.store.record_step(row)

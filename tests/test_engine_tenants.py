@@ -51,6 +51,8 @@ def test_two_tenants_of_different_ranks_and_tasks_run_to_done(engine):
             assert row["logprob_diff"] is not None and row["logprob_diff"] < 1e-3
             assert row["completion_tokens"] > 0 and row["total_s"] >= row["rollout_s"] > 0
             assert 0 <= row["accuracy"] <= 1 and row["reward_min"] <= row["reward_mean"] <= row["reward_max"]
+            parts = ("queue_s", "rollout_s", "reward_s", "train_s", "sync_s", "checkpoint_s")
+            assert sum(row[p] for p in parts) == pytest.approx(row["total_s"], abs=1e-6)  # the breakdown is whole
         assert engine.list_tenants()[-1]["warmup_s"] is not None
     assert engine.tenants[a].spec.lora.rank == 8 and engine.tenants[b].spec.lora.rank == 4
 
