@@ -146,7 +146,7 @@ class Scheduler:
             if tenant.adapter not in self.trainer.optimizers:
                 spec = tenant.spec
                 self.trainer.add_adapter(tenant.adapter, spec.lora, spec.optim, seed=spec.seed)
-                ckpt = getattr(tenant, "restore_from", None)
+                ckpt = tenant.restore_from
                 if ckpt is not None:
                     state = load_checkpoint(self.trainer, tenant.adapter, ckpt)
                     tenant.step = int(state["step"])

@@ -12,6 +12,7 @@ import enum
 import hashlib
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -73,6 +74,7 @@ class Tenant:
     started: float | None = None  # start request accepted (warm-up is measured from here)
     first_step: float | None = None
     finished: float | None = None
+    restore_from: Path | None = None  # checkpoint to load when (re)admitted after an engine restart
     warmup_s: float | None = None
     ready_since: float | None = None  # when it last became ready for a rollout (queue wait starts)
     phase: str = "queued"
