@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import threading
-import tomllib
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -25,7 +24,8 @@ from textual.widgets import DataTable, Footer, Input, TabbedContent, TabPane
 from textual.worker import get_current_worker
 
 from clora_tui import theming
-from clora_tui.model import FleetModel, ema, tenant_colour
+from engine.config import parse_literal
+from clora_tui.model import FINAL_STATES, FleetModel, ema, tenant_colour
 from clora_tui.screens.confirm import ConfirmScreen
 from clora_tui.screens.help import HelpScreen
 from clora_tui.screens.new_experiment import NewExperimentScreen
@@ -55,11 +55,7 @@ def parse_overrides(text: str) -> dict[str, Any]:
         if "=" not in part:
             raise ValueError(f"{part!r}: write key=value (e.g. optim.lr=1e-3)")
         key, raw = part.split("=", 1)
-        try:
-            value = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = raw
-        overrides[key.strip()] = value
+        overrides[key.strip()] = parse_literal(raw)
     return overrides
 
 
@@ -486,33 +482,36 @@ class CloraApp(App):
             return False
         return True
 
+    def send_pending(self, op: str, tenant_id: str) -> None:
+        """Show the action in the table at once (pending), then send it; the engine's
+        state event confirms it, or its refusal clears it."""
+        self.model.set_pending(tenant_id, op)
+        self.sync_table({tenant_id})
+        self.send(op, tenant_id, id=tenant_id)
+
     def action_pause_resume(self) -> None:
         view = self.selected_view("pause")
         if view is None:
             return
-        if view.state in ("done", "killed", "failed"):
+        if view.state in FINAL_STATES:
             self.notify(f"{view.name} is {view.state}; nothing to pause", severity="warning")
             return
         op = "resume" if view.state == "paused" else "pause"
         if not self.live_or_warn(op):
             return
-        self.model.set_pending(view.id, op)
-        self.sync_table({view.id})
-        self.send(op, view.id, id=view.id)
+        self.send_pending(op, view.id)
 
     def action_kill(self) -> None:
         view = self.selected_view("kill")
         if view is None:
             return
-        if view.state in ("done", "killed", "failed"):
+        if view.state in FINAL_STATES:
             self.notify(f"{view.name} is already {view.state}", severity="warning")
             return
 
         def answer(yes: bool | None) -> None:
             if yes and self.live_or_warn("kill"):
-                self.model.set_pending(view.id, "kill")
-                self.sync_table({view.id})
-                self.send("kill", view.id, id=view.id)
+                self.send_pending("kill", view.id)
 
         self.push_screen(ConfirmScreen(f"Kill [b]{view.name}[/b] ({view.id}) at step {view.summary.get('step', 0)}?\n"
                                        "Its adapter is released; the recorded history stays.", yes="Kill"), answer)

@@ -11,13 +11,13 @@ import json
 import os
 import sys
 import time
-import tomllib
 from pathlib import Path
 from typing import Any
 
 from clora_tui.client import EngineClient, EngineRefused, EngineUnavailable
 from clora_tui.format import nbytes
 from engine import protocol
+from engine.config import parse_literal as parse_value
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_NO_ENGINE = 0, 1, 2, 3
 
@@ -245,14 +245,6 @@ def cmd_command(args) -> int:
     else:
         print(f"{verb} {result['id']} ({result['name']}, {result['state']} at step {result['step']}/{result['steps']})")
     return EXIT_OK
-
-
-def parse_value(text: str) -> Any:
-    """A TOML literal (3, 1e-3, true, [1, 2], "x"), else the text as a string."""
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
 
 
 def cmd_clone(args) -> int:

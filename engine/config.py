@@ -97,6 +97,15 @@ class ExperimentSpec:
         return parse_spec(data)
 
 
+def parse_literal(text: str) -> Any:
+    """An override value as typed on a command line or in a form: a TOML literal
+    (3, 1e-3, true, [1, 2], "x"), else the text itself as a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
 SECTIONS = {"lora": LoraSpec, "optim": OptimSpec, "rollout": RolloutSpec, "grpo": GrpoSpec}
 
 
