@@ -1,16 +1,21 @@
-"""Concurrent multi-LoRA throughput against one-experiment-at-a-time, on this machine.
+"""Concurrent multi-LoRA throughput against running the same experiments one after another.
 
-    clora-tui bench [--quick] [--n 1,2,4,8] [--steps S] [--model M] [--backend peft|vllm|all]
-                           [--tasks arithmetic,sort] [--json FILE] [--plot FILE.png]
+    clora-tui bench [--quick] [--n 1,2,4,8] [--steps S] [--fixed-length] [--reward-latency-ms MS]
+                    [--baselines fresh,warm,trl] [--backend peft|vllm|all] [--json FILE] [--plot FILE.png]
 
-For each N: the first N experiments run concurrently on one engine, against the
-baseline of the same N experiments run one after another, each on a freshly started
-single-tenant engine (max_loras=1) -- the same code doing the same work. Every engine
-is a real daemon process started from scratch, so its cold start is what a user waits
-for (process start, imports, model load, inference engine start). Completion
-lengths are fixed (`ignore_eos`), so every run samples the same number of tokens.
-The baseline's single-tenant runs are shared between N values: experiment i is the
-same spec (seed i) whatever N is.
+For each N the first N experiments run concurrently on one engine. Baselines, doing the
+same work with the same seeds:
+  fresh  one after another, each on a freshly started single-tenant engine daemon (the
+         cold start a single-tenant stack pays every time);
+  warm   one after another on ONE warm engine (no cold starts: what is left is the gain
+         of sharing batches and overlapping waits);
+  trl    TRL's GRPOTrainer + PEFT, one after another in one Python process
+         (`python -m clora_tui.trl_baseline`), what most users would run instead.
+The work is realistic by default: completions stop at EOS (`--fixed-length`: always
+max_tokens). `--reward-latency-ms` gives every experiment a reward that waits that long
+per sample (I/O, not CPU), the same on every side. The floor of each step on this
+machine (the same rows through a plain PEFT decode and a plain LoRA forward/backward,
+`python -m engine.floor`) is measured in the same run; every step is reported against it.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import argparse
 import json
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -48,7 +54,11 @@ class BenchConfig:
     prompts_per_step: int = 8
     num_generations: int = 8
     max_tokens: int = 8
-    fused_train: bool | None = None  # None: the engine's default for its device
+    fused_train: bool | None = None  # None: the engine's default
+    fixed_length: bool = False  # ignore_eos: every sample is max_tokens long
+    reward_latency_ms: float = 0.0  # a reward that waits this long per sample
+    baselines: list[str] = field(default_factory=lambda: ["fresh", "warm", "trl"])
+    reward_ref: str | None = None  # set by the bench when reward_latency_ms > 0
 
 
 def log(message: str) -> None:
@@ -56,12 +66,36 @@ def log(message: str) -> None:
 
 
 def experiment_spec(i: int, cfg: BenchConfig) -> dict:
-    return {
+    spec = {
         "name": f"bench-{i}", "task": cfg.tasks[i % len(cfg.tasks)], "seed": i, "steps": cfg.steps,
         "eval_every": cfg.steps, "checkpoint_every": cfg.steps,
         "rollout": {"prompts_per_step": cfg.prompts_per_step, "num_generations": cfg.num_generations,
-                    "max_tokens": cfg.max_tokens, "ignore_eos": True},
+                    "max_tokens": cfg.max_tokens, "ignore_eos": cfg.fixed_length},
     }
+    if cfg.reward_ref:
+        spec["reward"] = cfg.reward_ref
+    return spec
+
+
+LATENCY_REWARD = """\
+# Written by clora-tui bench: correctness, after waiting like a remote judge would.
+import time
+from engine.tasks import make_task
+
+_tasks = {{}}
+
+
+def score(prompt, completion, answer, _task={task!r}):
+    time.sleep({seconds!r})
+    task = _tasks.setdefault(_task, make_task(_task, {{}}))
+    return 1.0 if task.is_correct(completion, answer) else 0.0
+"""
+
+
+def write_latency_reward(directory: Path, cfg: BenchConfig) -> str:
+    path = directory / "latency_reward.py"
+    path.write_text(LATENCY_REWARD.format(task=cfg.tasks[0], seconds=cfg.reward_latency_ms / 1000))
+    return f"{path}:score"
 
 
 def vllm_installed() -> bool:
@@ -70,33 +104,67 @@ def vllm_installed() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def run_engine(cfg: BenchConfig, backend: str, indices: list[int], label: str) -> dict:
-    """Start a fresh engine daemon, run these experiments concurrently to the end, stop it."""
+def _engine_cpu_s(pid: int) -> float:
+    """CPU seconds of the engine process and its children (vLLM workers, reward workers)."""
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        total = sum(proc.cpu_times()[:2])
+        for child in proc.children(recursive=True):
+            try:
+                total += sum(child.cpu_times()[:2])
+            except psutil.Error:
+                pass
+        return total
+    except psutil.Error:
+        return 0.0
+
+
+def _wait_done(client: EngineClient, ids: list[str], label: str, total_steps: int, peaks: dict) -> dict:
+    last_report = 0.0
+    while True:
+        system = client.call("status")["system"]
+        peaks["rss"] = max(peaks["rss"], system["process"]["rss"])
+        peaks["gpu"] = max(peaks["gpu"], sum(g.get("memory_used", 0) for g in system["gpus"]))
+        rows = {r["id"]: r for r in client.call("list") if r["id"] in ids}
+        if all(r["state"] in FINAL_STATES for r in rows.values()):
+            return rows
+        if time.time() - last_report > 10:
+            log(f"{label}: {sum(r['step'] for r in rows.values())}/{total_steps} steps")
+            last_report = time.time()
+        time.sleep(0.1)
+
+
+def run_engine(cfg: BenchConfig, backend: str, indices: list[int], label: str, sequential: bool = False) -> dict:
+    """Start a fresh engine daemon, run these experiments to the end (concurrently, or one
+    after another when `sequential`), stop it."""
     home = Path(tempfile.mkdtemp(prefix="clora-bench-", dir="/tmp"))
     extra = {None: [], True: ["--fused-train"], False: ["--serial-train"]}[cfg.fused_train]
     launched = time.time()
+    slots = 1 if sequential else max(1, len(indices))
     try:
-        start_daemon(home, model=cfg.model, backend=backend, max_loras=max(1, len(indices)),
-                     say=lambda _message: None, extra_args=extra)
+        start_daemon(home, model=cfg.model, backend=backend, max_loras=slots, say=lambda _message: None,
+                     extra_args=extra)
         cold = time.time() - launched  # process start -> ready, as a single-tenant stack pays it
-        peak_rss = peak_gpu = 0
+        peaks = {"rss": 0, "gpu": 0}
         with EngineClient(home, timeout=120).connect() as client:
+            pid = client.call("status")["pid"]
+            cpu0 = _engine_cpu_s(pid)
             submitted = time.time()
-            ids = [client.call("start", spec=experiment_spec(i, cfg))["id"] for i in indices]
-            last_report = 0.0
-            while True:
-                system = client.call("status")["system"]
-                peak_rss = max(peak_rss, system["process"]["rss"])
-                peak_gpu = max(peak_gpu, sum(g.get("memory_used", 0) for g in system["gpus"]))
-                rows = {r["id"]: r for r in client.call("list") if r["id"] in ids}
-                if all(r["state"] in FINAL_STATES for r in rows.values()):
-                    break
-                if time.time() - last_report > 10:
-                    log(f"{label}: {sum(r['step'] for r in rows.values())}/{cfg.steps * len(ids)} steps")
-                    last_report = time.time()
-                time.sleep(0.25)
-            wall = max(r["finished"] for r in rows.values()) - submitted
+            ids, walls = [], []
+            if sequential:
+                for i in indices:
+                    t0 = time.time()
+                    ids.append(client.call("start", spec=experiment_spec(i, cfg))["id"])
+                    rows = _wait_done(client, ids[-1:], f"{label} {len(ids)}/{len(indices)}", cfg.steps, peaks)
+                    walls.append(rows[ids[-1]]["finished"] - t0)
+            else:
+                ids = [client.call("start", spec=experiment_spec(i, cfg))["id"] for i in indices]
+                _wait_done(client, ids, label, cfg.steps * len(ids), peaks)
             details = {t: client.call("get", id=t) for t in ids}
+            wall = max(d["finished"] for d in details.values()) - submitted
+            cpu_s = _engine_cpu_s(pid) - cpu0
     finally:
         try:
             stop_daemon(home, say=lambda _message: None)
@@ -107,48 +175,93 @@ def run_engine(cfg: BenchConfig, backend: str, indices: list[int], label: str) -
         raise RuntimeError(f"{label}: experiments failed: {failed}")
     steps = [r for t in ids for r in details[t]["history"]]
     return {
-        "cold_start_s": cold, "wall_s": wall,
+        "cold_start_s": cold, "wall_s": wall, "experiment_wall_s": walls or None,
         "finish_s": [details[t]["finished"] - submitted for t in ids],
         "steps_done": [len(details[t]["history"]) for t in ids],
         "step_s": statistics.fmean(r["total_s"] for r in steps),
         "phases": {p: statistics.fmean(r[p] for r in steps) for p in PHASES},
-        "warmup_s": statistics.fmean(details[t]["warmup_s"] for t in ids), "peak_rss": peak_rss, "peak_gpu": peak_gpu,
+        "completion_tokens": sum(r["completion_tokens"] for r in steps),
+        "tokens_per_experiment": [sum(r["completion_tokens"] for r in details[t]["history"]) for t in ids],
+        "cpu_s": cpu_s,
+        "warmup_s": statistics.fmean(details[t]["warmup_s"] for t in ids), "peak_rss": peaks["rss"],
+        "peak_gpu": peaks["gpu"],
         "accuracy": [{"first": details[t]["evals"][0]["accuracy"], "final": details[t]["evals"][-1]["accuracy"]}
                      for t in ids],
     }
 
 
-def summarise(n: int, concurrent: dict, singles: list[dict]) -> dict:
-    base = singles[:n]
-    seq_with_cold = sum(s["cold_start_s"] + s["wall_s"] for s in base)
-    seq_warm = sum(s["wall_s"] for s in base)
-    conc_with_cold = concurrent["cold_start_s"] + concurrent["wall_s"]
-    # Completion time of each experiment measured from the start of the whole batch.
-    seq_finish, clock = [], 0.0
-    for s in base:
-        clock += s["cold_start_s"] + s["wall_s"]
-        seq_finish.append(clock)
-    conc_finish = [concurrent["cold_start_s"] + f for f in concurrent["finish_s"]]
-    return {
-        "n": n,
-        "throughput_gain": seq_with_cold / conc_with_cold,
-        "throughput_gain_without_cold_starts": seq_warm / concurrent["wall_s"],
-        "mean_experiment_time_s": statistics.fmean(conc_finish),
-        "baseline_mean_experiment_time_s": statistics.fmean(seq_finish),
-        "mean_experiment_time_gain": statistics.fmean(seq_finish) / statistics.fmean(conc_finish),
-        "mean_step_s": concurrent["step_s"],
-        "baseline_mean_step_s": statistics.fmean(s["step_s"] for s in base),
-        "step_breakdown_s": concurrent["phases"],
-        "rollout_s": concurrent["phases"]["rollout_s"],
-        "warmup_s": concurrent["warmup_s"],
-        "engine_cold_start_s": concurrent["cold_start_s"],
-        "final_experiment_time_s": conc_with_cold,
-        "baseline_final_experiment_time_s": seq_with_cold,
-        "baseline_final_experiment_time_without_cold_starts_s": seq_warm,
+def summarise(n: int, concurrent: dict, baselines: dict, rows_per_step: int) -> dict:
+    """One row of the table: N experiments concurrently against each baseline."""
+    wall, cold = concurrent["wall_s"], concurrent["cold_start_s"]
+    row = {
+        "n": n, "wall_s": wall, "engine_cold_start_s": cold, "final_experiment_time_s": cold + wall,
+        "mean_experiment_time_s": statistics.fmean(cold + f for f in concurrent["finish_s"]),
+        "mean_step_s": concurrent["step_s"], "step_breakdown_s": concurrent["phases"],
+        "rollout_s": concurrent["phases"]["rollout_s"], "warmup_s": concurrent["warmup_s"],
+        "completion_tokens": concurrent["completion_tokens"],
+        "tokens_per_s": concurrent["completion_tokens"] / wall,
+        "cpu_cores_used": concurrent["cpu_s"] / wall,
         "peak_rss_bytes": concurrent["peak_rss"], "peak_gpu_bytes": concurrent["peak_gpu"],
-        "accuracy": concurrent["accuracy"], "baseline_accuracy": [s["accuracy"][0] for s in base],
-        "steps_done": concurrent["steps_done"],
+        "accuracy": concurrent["accuracy"], "steps_done": concurrent["steps_done"],
+        "rows_per_step": rows_per_step * n,
     }
+    fresh = baselines.get("fresh")
+    if fresh:
+        base = fresh[:n]
+        row["gain_vs_fresh"] = sum(s["cold_start_s"] + s["wall_s"] for s in base) / (cold + wall)
+        clock, finish = 0.0, []
+        for s in base:
+            clock += s["cold_start_s"] + s["wall_s"]
+            finish.append(clock)
+        row["baseline_mean_experiment_time_s"] = statistics.fmean(finish)
+        row["mean_experiment_time_gain"] = statistics.fmean(finish) / row["mean_experiment_time_s"]
+        row["baseline_final_experiment_time_s"] = clock
+        row["baseline_mean_step_s"] = statistics.fmean(s["step_s"] for s in base)
+        row["baseline_completion_tokens"] = sum(s["completion_tokens"] for s in base)
+        row["baseline_accuracy"] = [s["accuracy"][0] for s in base]
+    warm = baselines.get("warm")
+    if warm:
+        walls = warm["experiment_wall_s"][:n]
+        row["gain_vs_warm"] = sum(walls) / wall
+        row["warm_completion_tokens"] = sum(warm["tokens_per_experiment"][:n])
+    trl = baselines.get("trl")
+    if trl:
+        per = trl["per_experiment_s"][:n]
+        row["gain_vs_trl"] = (trl["load_s"] + sum(per)) / (cold + wall)
+        row["gain_vs_trl_without_startup"] = sum(per) / wall
+    return row
+
+
+def measure_floors(cfg: BenchConfig, rows: list[int], completion_tokens: int) -> dict:
+    """The floor (python -m engine.floor) for these batch sizes, in a process of its own."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "floor.json"
+        cmd = [sys.executable, "-m", "engine.floor", "--rows", ",".join(map(str, rows)), "--completion-tokens",
+               str(completion_tokens), "--task", cfg.tasks[0], "--model", cfg.model, "--json", str(out)]
+        subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=1800)
+        return {int(k): v for k, v in json.loads(out.read_text()).items()}
+
+
+def run_trl(cfg: BenchConfig, n: int) -> dict | None:
+    """TRL's GRPOTrainer + PEFT on the same experiments, one after another in one process."""
+    import importlib.util
+
+    if importlib.util.find_spec("trl") is None:
+        log("trl is not installed (pip install -e '.[bench]'): no TRL baseline")
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "trl.json"
+        cmd = [sys.executable, "-m", "clora_tui.trl_baseline", "--n", str(n), "--steps", str(cfg.steps),
+               "--prompts-per-step", str(cfg.prompts_per_step), "--num-generations", str(cfg.num_generations),
+               "--max-tokens", str(cfg.max_tokens), "--model", cfg.model, "--json", str(out)]
+        if cfg.fixed_length:
+            cmd.append("--fixed-length")
+        if cfg.reward_latency_ms:
+            cmd += ["--reward-latency-ms", str(cfg.reward_latency_ms)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+        if proc.returncode != 0:
+            raise RuntimeError(f"TRL baseline failed: {proc.stderr[-2000:]}")
+        return json.loads(out.read_text())
 
 
 def run_backend(cfg: BenchConfig, backend: str) -> dict:
@@ -157,52 +270,92 @@ def run_backend(cfg: BenchConfig, backend: str) -> dict:
     # kernel warm-up) would otherwise land on whichever arm happens to run first.
     log(f"{backend}: warm-up run (not measured)")
     run_engine(replace(cfg, steps=2), backend, [0], f"{backend} warm-up")
-    singles = []
-    for i in range(top):
-        log(f"{backend}: baseline experiment {i + 1}/{top} on a fresh single-tenant engine")
-        singles.append(run_engine(cfg, backend, [i], f"{backend} baseline {i + 1}/{top}"))
-    rows = []
+    baselines: dict = {}
+    if "fresh" in cfg.baselines:
+        baselines["fresh"] = []
+        for i in range(top):
+            log(f"{backend}: baseline experiment {i + 1}/{top} on a fresh single-tenant engine")
+            baselines["fresh"].append(run_engine(cfg, backend, [i], f"{backend} fresh {i + 1}/{top}"))
+    if "warm" in cfg.baselines:
+        log(f"{backend}: {top} experiments one after another on one warm engine")
+        baselines["warm"] = run_engine(cfg, backend, list(range(top)), f"{backend} warm sequential", sequential=True)
+    if "trl" in cfg.baselines:
+        log(f"TRL GRPOTrainer + PEFT: {top} experiments one after another in one process")
+        baselines["trl"] = run_trl(cfg, top)
+    rows, runs = [], {}
+    per_step = cfg.prompts_per_step * cfg.num_generations
     for n in cfg.ns:
         log(f"{backend}: {n} experiment(s) concurrently on one engine")
-        concurrent = run_engine(cfg, backend, list(range(n)), f"{backend} N={n}")
-        rows.append(summarise(n, concurrent, singles))
+        runs[n] = run_engine(cfg, backend, list(range(n)), f"{backend} N={n}")
+        rows.append(summarise(n, runs[n], baselines, per_step))
+    # The floor: the same rows, as long as the completions were on average.
+    mean_tokens = max(1, round(statistics.fmean(r["completion_tokens"] / (r["rows_per_step"] * cfg.steps) for r in rows)))
+    log(f"floor: plain PEFT decode ({mean_tokens} tokens) + LoRA forward/backward for the same rows")
+    floors = measure_floors(cfg, sorted({r["rows_per_step"] for r in rows}), mean_tokens)
     by_n = {r["n"]: r for r in rows}
     n1 = by_n.get(1)
     for r in rows:
+        floor = floors[r["rows_per_step"]]
+        r["floor_s"], r["floor_decode_s"], r["floor_train_s"] = floor["floor_s"], floor["decode_s"], floor["train_s"]
+        r["step_vs_floor"] = r["mean_step_s"] / floor["floor_s"]
         r["step_time_ratio_vs_n1"] = r["mean_step_s"] / n1["mean_step_s"] if n1 else None
         r["rollout_overhead_vs_n1"] = r["rollout_s"] / n1["rollout_s"] - 1 if n1 else None
-    return {"backend": backend, "rows": rows, "baseline_runs": singles}
+        r["floor_ratio_vs_n1"] = floor["floor_s"] / floors[n1["rows_per_step"]]["floor_s"] if n1 else None
+        r["floor_rollout_overhead_vs_n1"] = (floor["decode_s"] / floors[n1["rows_per_step"]]["decode_s"] - 1
+                                             if n1 else None)
+    trl = baselines.get("trl")
+    trl_step = statistics.fmean(trl["per_experiment_s"]) / cfg.steps if trl else None
+    return {"backend": backend, "rows": rows, "floor_completion_tokens": mean_tokens,
+            "baseline_runs": baselines.get("fresh", []), "warm_sequential": baselines.get("warm"),
+            "trl": trl, "trl_step_s": trl_step,
+            "single_tenant_step_vs_trl": (n1["mean_step_s"] / trl_step) if (trl_step and n1) else None}
+
+
+def _fmt(value, fmt: str) -> str:
+    return "-" if value is None else fmt.format(value)
 
 
 def format_table(result: dict) -> str:
-    cols = [("N", "n", "{:d}"), ("gain", "throughput_gain", "{:.2f}x"),
-            ("gain warm", "throughput_gain_without_cold_starts", "{:.2f}x"),
-            ("mean exp s", "mean_experiment_time_s", "{:.1f}"), ("seq mean s", "baseline_mean_experiment_time_s", "{:.1f}"),
-            ("exp gain", "mean_experiment_time_gain", "{:.2f}x"), ("step s", "mean_step_s", "{:.2f}"),
-            ("step/N1", "step_time_ratio_vs_n1", "{:.2f}x"), ("rollout s", "rollout_s", "{:.2f}"),
-            ("rollout +", "rollout_overhead_vs_n1", "{:+.0%}"), ("warm-up s", "warmup_s", "{:.2f}"),
-            ("cold s", "engine_cold_start_s", "{:.1f}"), ("final s", "final_experiment_time_s", "{:.1f}"),
-            ("seq final s", "baseline_final_experiment_time_s", "{:.1f}"), ("peak RSS", "peak_rss_bytes", "{}")]
+    cols = [("N", "n", "{:d}"), ("vs fresh", "gain_vs_fresh", "{:.2f}x"), ("vs warm", "gain_vs_warm", "{:.2f}x"),
+            ("vs TRL", "gain_vs_trl", "{:.2f}x"), ("vs TRL warm", "gain_vs_trl_without_startup", "{:.2f}x"),
+            ("wall s", "wall_s", "{:.1f}"), ("step s", "mean_step_s", "{:.3f}"), ("floor s", "floor_s", "{:.3f}"),
+            ("step/floor", "step_vs_floor", "{:.2f}x"), ("step/N1", "step_time_ratio_vs_n1", "{:.2f}x"),
+            ("floor/N1", "floor_ratio_vs_n1", "{:.2f}x"), ("rollout +", "rollout_overhead_vs_n1", "{:+.0%}"),
+            ("floor +", "floor_rollout_overhead_vs_n1", "{:+.0%}"), ("tok/s", "tokens_per_s", "{:.0f}"),
+            ("cores", "cpu_cores_used", "{:.2f}"), ("warm-up s", "warmup_s", "{:.2f}"),
+            ("cold s", "engine_cold_start_s", "{:.1f}"), ("peak RSS", "peak_rss_bytes", "{}")]
     lines = [f"backend {result['backend']}"]
     table = [[c[0] for c in cols]]
     for r in result["rows"]:
         row = []
         for _, key, fmt in cols:
             v = r.get(key)
-            if v is None:
-                row.append("-")
-            elif key == "peak_rss_bytes":
-                row.append(f"{v / 2**30:.2f} GiB")
-            else:
-                row.append(fmt.format(v))
+            row.append(f"{v / 2**30:.2f} GiB" if key == "peak_rss_bytes" and v is not None else _fmt(v, fmt))
         table.append(row)
     widths = [max(len(t[i]) for t in table) for i in range(len(cols))]
     lines += ["  ".join(c.rjust(w) for c, w in zip(t, widths)) for t in table]
     lines.append("step breakdown (mean s): " + "; ".join(
-        f"N={r['n']}: " + " ".join(f"{p[:-2]} {r['step_breakdown_s'][p]:.2f}" for p in PHASES) for r in result["rows"]))
-    lines.append("accuracy first->final (concurrent | baseline): " + "; ".join(
-        f"N={r['n']}: " + ",".join(f"{a['first']:.2f}->{a['final']:.2f}" for a in r["accuracy"]) + " | "
-        + ",".join(f"{a['first']:.2f}->{a['final']:.2f}" for a in r["baseline_accuracy"]) for r in result["rows"]))
+        f"N={r['n']}: " + " ".join(f"{p[:-2]} {r['step_breakdown_s'][p]:.3f}" for p in PHASES) for r in result["rows"]))
+    lines.append(f"floor: plain PEFT decode of {result['floor_completion_tokens']} tokens + LoRA forward/backward, "
+                 "same rows: " + "; ".join(f"N={r['n']}: {r['floor_decode_s']:.3f} + {r['floor_train_s']:.3f} s"
+                                           for r in result["rows"]))
+    work = []
+    for r in result["rows"]:
+        parts = [f"N={r['n']}: {r['completion_tokens']}"]
+        for key, name in (("baseline_completion_tokens", "fresh"), ("warm_completion_tokens", "warm")):
+            if r.get(key):
+                parts.append(f"{name} {r[key]} ({r['completion_tokens'] / r[key] - 1:+.1%})")
+        work.append(" ".join(parts))
+    trl = result.get("trl")
+    lines.append("completion tokens (concurrent vs baselines): " + "; ".join(work)
+                 + (f"; TRL, all {len(trl['per_experiment_s'])}: {trl['completion_tokens']}" if trl else ""))
+    if trl:
+        lines.append(f"TRL {trl.get('trl_version', '?')}: load {trl['load_s']:.1f} s, per experiment "
+                     + ", ".join(f"{x:.1f}" for x in trl["per_experiment_s"]) + f" s; step {result['trl_step_s']:.3f} s; "
+                     f"single-tenant step here / TRL step: {result['single_tenant_step_vs_trl']:.2f}x"
+                     if result.get("single_tenant_step_vs_trl") else "")
+    lines.append("accuracy first->final (concurrent): " + "; ".join(
+        f"N={r['n']}: " + ",".join(f"{a['first']:.2f}->{a['final']:.2f}" for a in r["accuracy"]) for r in result["rows"]))
     return "\n".join(lines)
 
 
@@ -215,25 +368,27 @@ def plot(results: list[dict], path: Path) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     for res in results:
         ns = [r["n"] for r in res["rows"]]
-        ax1.plot(ns, [r["throughput_gain"] for r in res["rows"]], marker="o", label=f"{res['backend']}")
-        ax1.plot(ns, [r["throughput_gain_without_cold_starts"] for r in res["rows"]], marker="x", linestyle="--",
-                 label=f"{res['backend']} (no cold starts)")
-        ax2.plot(ns, [r["mean_step_s"] for r in res["rows"]], marker="o", label=res["backend"])
+        for key, label, style in (("gain_vs_fresh", "vs fresh engines", "-"), ("gain_vs_warm", "vs one warm engine", "--"),
+                                  ("gain_vs_trl", "vs TRL GRPOTrainer", ":")):
+            if all(r.get(key) is not None for r in res["rows"]):
+                ax1.plot(ns, [r[key] for r in res["rows"]], marker="o", linestyle=style, label=f"{res['backend']} {label}")
+        ax2.plot(ns, [r["mean_step_s"] for r in res["rows"]], marker="o", label=f"{res['backend']} step")
+        ax2.plot(ns, [r["floor_s"] for r in res["rows"]], marker="x", linestyle="--", label=f"{res['backend']} floor")
     ax1.scatter([8], [REFERENCE["throughput_gain_n8"]], color="grey", marker="*", s=120, zorder=3,
                 label="reference N=8 (SkyRL, H200)")
     ax1.set(xlabel="concurrent experiments N", ylabel="experiment throughput gain", title="Throughput gain")
-    ax2.set(xlabel="concurrent experiments N", ylabel="mean step time (s)", title="Step time")
+    ax2.set(xlabel="concurrent experiments N", ylabel="seconds", title="Mean step vs its floor")
     for ax in (ax1, ax2):
         ax.set_xscale("log", base=2)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
 def parse_args(argv=None) -> tuple[BenchConfig, list[str], argparse.Namespace]:
     p = argparse.ArgumentParser(prog="clora-tui bench", description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="N=1,2,4 and 4 short steps: a smoke run in a few minutes")
+    p.add_argument("--quick", action="store_true", help="N=1,2,4, 4 short steps, no TRL: a smoke run")
     p.add_argument("--model", default="embedded", help="embedded, a local HF directory, or random:SIZE (e.g. random:30M)")
     p.add_argument("--backend", default="peft", help="peft, vllm, or all (every installed backend)")
     p.add_argument("--n", default=None, help="comma-separated N values (default 1,2,4,8)")
@@ -242,17 +397,28 @@ def parse_args(argv=None) -> tuple[BenchConfig, list[str], argparse.Namespace]:
     p.add_argument("--prompts-per-step", type=int, default=None)
     p.add_argument("--num-generations", type=int, default=None)
     p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--fixed-length", action="store_true", help="ignore EOS: every sample is max_tokens long")
+    p.add_argument("--reward-latency-ms", type=float, default=0.0,
+                   help="every experiment's reward waits this long per sample (as a remote judge would)")
+    p.add_argument("--baselines", default=None, help="comma-separated: fresh, warm, trl (default all three)")
     train = p.add_mutually_exclusive_group()
     train.add_argument("--fused-train", dest="fused_train", action="store_const", const=True, default=None,
-                       help="one fused mixed-adapter training step for all tenants (default on CUDA)")
+                       help="fused multi-tenant training passes (the default)")
     train.add_argument("--serial-train", dest="fused_train", action="store_const", const=False,
-                       help="train tenants one at a time (default on CPU)")
+                       help="train ready tenants one at a time")
     p.add_argument("--json", type=Path, help="write every number to this file")
-    p.add_argument("--plot", type=Path, help="draw throughput gain and step time against N (PNG)")
+    p.add_argument("--plot", type=Path, help="draw throughput gains and step time against N (PNG)")
     args = p.parse_args(argv)
-    cfg = BenchConfig(model=args.model, tasks=args.tasks.split(","), fused_train=args.fused_train)
+    cfg = BenchConfig(model=args.model, tasks=args.tasks.split(","), fused_train=args.fused_train,
+                      fixed_length=args.fixed_length, reward_latency_ms=args.reward_latency_ms)
     if args.quick:
         cfg.ns, cfg.steps, cfg.prompts_per_step, cfg.num_generations = [1, 2, 4], 4, 4, 4
+        cfg.baselines = ["fresh", "warm"]
+    if args.baselines:
+        cfg.baselines = [b for b in args.baselines.split(",") if b]
+        unknown = set(cfg.baselines) - {"fresh", "warm", "trl"}
+        if unknown:
+            p.error(f"--baselines: unknown {sorted(unknown)}; use fresh, warm, trl")
     if args.n:
         cfg.ns = sorted({int(x) for x in args.n.split(",")})
     for name in ("steps", "prompts_per_step", "num_generations", "max_tokens"):
@@ -266,6 +432,8 @@ def parse_args(argv=None) -> tuple[BenchConfig, list[str], argparse.Namespace]:
         p.error(f"--backend {args.backend!r}: use peft, vllm or all")
     if min(cfg.ns) < 1 or cfg.steps < 1:
         p.error("--n values and --steps must be >= 1")
+    if cfg.reward_latency_ms < 0:
+        p.error("--reward-latency-ms must be >= 0")
     return cfg, backends, args
 
 
@@ -273,10 +441,13 @@ def main(argv=None) -> int:
     cfg, backends, args = parse_args(argv)
     started = time.time()
     results = []
-    for backend in backends:
-        result = run_backend(cfg, backend)
-        results.append(result)
-        print(format_table(result), flush=True)
+    with tempfile.TemporaryDirectory(prefix="clora-bench-reward-") as scratch:
+        if cfg.reward_latency_ms > 0:
+            cfg.reward_ref = write_latency_reward(Path(scratch), cfg)
+        for backend in backends:
+            result = run_backend(cfg, backend)
+            results.append(result)
+            print(format_table(result), flush=True)
     report = {"config": asdict(cfg), "reference": REFERENCE, "results": results,
               "seconds": round(time.time() - started, 1)}
     if args.json:

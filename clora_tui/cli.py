@@ -92,11 +92,13 @@ def cmd_engine_start(args) -> int:
 
     if args.max_loras < 1 or args.max_lora_rank < 1:
         raise CliError("--max-loras and --max-lora-rank must be >= 1", EXIT_USAGE)
+    if args.max_step_tokens is not None and args.max_step_tokens < 1:
+        raise CliError("--max-step-tokens must be >= 1", EXIT_USAGE)
     say = (lambda m: print(m, file=sys.stderr)) if args.json else print
     try:
         status = start_daemon(home_of(args), model=args.model, backend=args.backend, max_loras=args.max_loras,
                               max_lora_rank=args.max_lora_rank, wait_ready=not args.no_wait,
-                              timeout=args.timeout, say=say)
+                              timeout=args.timeout, say=say, max_step_tokens=args.max_step_tokens)
     except DaemonError as exc:
         raise CliError(str(exc)) from None
     if args.json:
@@ -110,13 +112,20 @@ def cmd_engine_start(args) -> int:
 
 
 def cmd_engine_stop(args) -> int:
-    from clora_tui.launcher import DaemonError, stop_daemon
+    from clora_tui.launcher import DaemonError, stop_engine
 
     try:
-        pid = stop_daemon(home_of(args), timeout=args.timeout)
+        stopped = stop_engine(home_of(args), timeout=args.timeout)
     except DaemonError as exc:
         raise CliError(str(exc), EXIT_NO_ENGINE if "no engine" in str(exc) else EXIT_FAIL) from None
-    print(f"engine (pid {pid}) stopped; tenants checkpointed")
+    count = stopped.get("checkpointed")
+    if isinstance(count, int) and count > 0:
+        detail = f"; {count} tenant checkpoint{'s' if count != 1 else ''} written"
+    elif count == 0:
+        detail = "; no tenant needed a checkpoint"
+    else:
+        detail = ""
+    print(f"engine (pid {stopped['pid']}) stopped{detail}")
     return EXIT_OK
 
 
@@ -342,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="inference backend (auto: vllm on CUDA, peft on CPU)")
     start.add_argument("--max-loras", type=int, default=8, help="adapter slots: tenants in flight at once")
     start.add_argument("--max-lora-rank", type=int, default=64, help="largest LoRA rank the engine accepts")
+    start.add_argument("--max-step-tokens", type=int, default=None, metavar="N",
+                       help="refuse experiments whose step samples more than N tokens, prompts x samples x "
+                            "(prompt + max_tokens) (default 262144)")
     start.add_argument("--no-wait", action="store_true", help="return once the socket answers, before warm-up ends")
     start.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the engine")
     start.add_argument("--json", action="store_true")

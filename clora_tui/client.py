@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import secrets
 import socket
 import time
 from pathlib import Path
@@ -105,10 +106,23 @@ class EngineClient:
         return json.loads(line)
 
     def call(self, op: str, **args: Any) -> Any:
-        """Send a request and wait for its response; events that arrive meanwhile are kept."""
+        """Send a request and wait for its response; events that arrive meanwhile are kept.
+
+        `start` and `clone` carry an idempotency key (a fresh one unless given): to retry one
+        safely after a timeout or a lost connection, call again with the same key."""
+        if op in protocol.IDEMPOTENT_OPS and "idempotency_key" not in args:
+            args["idempotency_key"] = new_idempotency_key()
         self.next_id += 1
         req_id = self.next_id
-        self._send(protocol.request(op, req_id, **args))
+        try:
+            self._send(protocol.request(op, req_id, **args))
+        except EngineUnavailable:
+            # The engine may have said why before closing (e.g. too many connections).
+            pending = self._read_pending()
+            if pending is not None and pending.get("ok") is False:
+                err = pending.get("error") or {}
+                raise EngineRefused(err.get("code", "error"), err.get("message", "refused")) from None
+            raise
         while True:
             msg = self._read()
             if msg is None:
@@ -116,12 +130,21 @@ class EngineClient:
             if "event" in msg:
                 self.pending_events.append(msg["event"])
                 continue
+            if msg.get("id") is None and msg.get("ok") is False:  # about the connection, not a request
+                err = msg.get("error") or {}
+                raise EngineRefused(err.get("code", "error"), err.get("message", "refused"))
             if msg.get("id") != req_id:
                 continue
             if msg.get("ok"):
                 return msg.get("result")
             err = msg.get("error") or {}
             raise EngineRefused(err.get("code", "error"), err.get("message", "refused"))
+
+    def _read_pending(self) -> dict | None:
+        try:
+            return self._read(timeout=1.0)
+        except (EngineUnavailable, ValueError):
+            return None
 
     def subscribe(self) -> dict:
         """A snapshot (status, tenants with their history, recent log) and its sequence number."""
@@ -141,6 +164,10 @@ class EngineClient:
             if ev is None:
                 return
             yield ev
+
+
+def new_idempotency_key() -> str:
+    return secrets.token_hex(16)
 
 
 def connect(home: Path | str | None = None, timeout: float | None = 60.0) -> EngineClient:

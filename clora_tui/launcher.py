@@ -17,7 +17,7 @@ from typing import Callable
 
 from clora_tui.client import EngineClient, EngineRefused, EngineUnavailable
 from engine import protocol
-from engine.daemon import DaemonError, clean_stale, engine_running, pid_alive, prepare_home
+from engine.daemon import DaemonError, clean_stale, describe_io_error, engine_running, pid_alive, prepare_home
 
 # -- the detached engine -----------------------------------------------------------------
 def _hello_ok(home: Path, timeout: float = 2.0) -> dict | None:
@@ -48,9 +48,20 @@ def check_model(model: str) -> None:
 
 def start_daemon(home: Path, model: str = "embedded", backend: str = "auto", max_loras: int = 8,
                  max_lora_rank: int = 64, wait_ready: bool = True, timeout: float = 900.0,
-                 say: Callable[[str], None] = print, extra_args: list[str] | None = None) -> dict:
+                 say: Callable[[str], None] = print, extra_args: list[str] | None = None,
+                 max_step_tokens: int | None = None) -> dict:
     """Start a detached engine (own session, survives the terminal) and return its status once
-    it accepts connections (and, with `wait_ready`, once its warm-up is done)."""
+    it accepts connections (and, with `wait_ready`, once its warm-up is done). Raises DaemonError
+    with a readable message for anything that goes wrong, a full disk or unwritable home included."""
+    try:
+        return _start_daemon(home, model, backend, max_loras, max_lora_rank, wait_ready, timeout, say,
+                             list(extra_args or []) + (["--max-step-tokens", str(max_step_tokens)]
+                                                       if max_step_tokens is not None else []))
+    except OSError as exc:
+        raise DaemonError(f"cannot start the engine in {home}: {describe_io_error(exc)}") from None
+
+
+def _start_daemon(home, model, backend, max_loras, max_lora_rank, wait_ready, timeout, say, extra_args) -> dict:
     home = prepare_home(home)
     running = engine_running(home)
     if running is not None:
@@ -97,23 +108,43 @@ def start_daemon(home: Path, model: str = "embedded", backend: str = "auto", max
 def stop_daemon(home: Path, timeout: float = 300.0, say: Callable[[str], None] = print) -> int:
     """Ask the engine to shut down (tenants checkpointed) and wait for its process to end.
     Returns its pid; raises DaemonError if none runs or it does not stop."""
+    return stop_engine(home, timeout, say)["pid"]
+
+
+def stop_engine(home: Path, timeout: float = 300.0, say: Callable[[str], None] = print) -> dict:
+    """`stop_daemon`, returning {"pid", "checkpointed"}: how many tenant checkpoints the engine
+    wrote while stopping, as it reported them (None when it could not say, e.g. after SIGTERM)."""
     home = Path(home).expanduser().resolve()
+    if not home.is_dir():
+        raise DaemonError(f"no engine running on {home}")
     pid = engine_running(home)
     if pid is None:
         clean_stale(home, say)
         raise DaemonError(f"no engine running on {home}")
+    t0 = time.time()
+    checkpointed = None
     try:
         with EngineClient(home, timeout=30).connect() as client:
             pid = client.call("shutdown").get("pid", pid)
+            # The engine keeps this connection until it has stopped; its last event says how it went.
+            while time.time() - t0 < timeout:
+                try:
+                    event = client.next_event(timeout=min(5.0, max(0.1, timeout - (time.time() - t0))))
+                except (EngineUnavailable, ValueError):
+                    break  # closed: the engine is gone
+                if event and event.get("kind") == "log" and (event.get("data") or {}).get("stopped"):
+                    checkpointed = event["data"].get("checkpointed")
+                    break
+                if event is None and engine_running(home, settle_s=0) is None:
+                    break
     except (EngineUnavailable, EngineRefused) as exc:
         if not pid:
             raise DaemonError(f"cannot reach the engine on {home}: {exc}") from None
         say(f"engine not answering ({exc}); sending SIGTERM to pid {pid}")
         os.kill(pid, signal.SIGTERM)
-    t0 = time.time()
     while time.time() - t0 < timeout:
         if engine_running(home) is None and not pid_alive(pid):  # lock released and process gone
-            return pid
+            return {"pid": pid, "checkpointed": checkpointed}
         time.sleep(0.2)
     raise DaemonError(f"the engine (pid {pid}) did not stop within {timeout:.0f} s; "
                       f"`kill {pid}` (or kill -9) it; its tenants resume from their checkpoints")

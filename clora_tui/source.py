@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from clora_tui.client import EngineClient, EngineRefused, EngineUnavailable
+from clora_tui.client import EngineClient, EngineRefused, EngineUnavailable, new_idempotency_key
 from engine import protocol
 
 __all__ = ["EngineRefused", "EngineSource", "EngineUnavailable", "RecordedSource"]
@@ -53,6 +53,8 @@ class EngineSource:
         return self.follower.next_event(timeout)
 
     def call(self, op: str, **args: Any) -> Any:
+        if op in protocol.IDEMPOTENT_OPS:  # one key for both attempts: a retry never starts a duplicate
+            args.setdefault("idempotency_key", new_idempotency_key())
         with self.request_lock:
             for attempt in (1, 2):
                 if self.requester is None:

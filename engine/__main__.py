@@ -21,6 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--backend", default="auto", choices=("auto", "vllm", "peft"))
     serve.add_argument("--max-loras", type=int, default=8, help="adapter slots (tenants in flight at once)")
     serve.add_argument("--max-lora-rank", type=int, default=64)
+    serve.add_argument("--max-step-tokens", type=int, default=None,
+                       help="largest work of one tenant step, prompts x samples x (prompt + max_tokens) tokens "
+                            "(default 262144); bigger specs are refused at submit")
     train = serve.add_mutually_exclusive_group()
     train.add_argument("--fused-train", dest="fused_train", action="store_const", const=True, default=None,
                        help="all tenants' updates in one mixed-adapter forward/backward (default on CUDA)")

@@ -7,11 +7,14 @@ Every field has a default except `name`. Validation errors name the field
 from __future__ import annotations
 
 import copy
+import math
 import re
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from engine.tasks import TaskError, check_task_args
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
@@ -44,6 +47,9 @@ class RolloutSpec:
     temperature: float = 1.0
     top_p: float = 1.0
     ignore_eos: bool = False  # always sample max_tokens (benchmarks: fixed work per step)
+    # 1: sample step k+1 while step k scores and trains (one step off-policy; the loss's
+    # importance ratio is taken against the sampler's own log-probs). 0: on-policy.
+    off_policy_steps: int = 0
 
 
 @dataclass
@@ -67,6 +73,7 @@ class ExperimentSpec:
     reward_timeout_s: float = 30.0
     steps: int = 40
     seed: int = 0
+    priority: float = 1.0  # share of a contended sampling batch, relative to other tenants
     checkpoint_every: int = 5
     eval_every: int = 5
     lora: LoraSpec = field(default_factory=LoraSpec)
@@ -121,9 +128,14 @@ def _coerce(where: str, value: Any, default: Any, annotation: str) -> Any:
         ok = isinstance(value, expected[base]) and not (base != "bool" and isinstance(value, bool))
         if not ok:
             raise SpecError(f"{where}: expected {base}, got {type(value).__name__} {value!r}")
+        if base == "float" and not math.isfinite(value):
+            raise SpecError(f"{where}: must be a finite number, got {value!r}")
     elif base.startswith("list"):
         if not isinstance(value, list):
             raise SpecError(f"{where}: expected a list, got {type(value).__name__}")
+        for i, item in enumerate(value):
+            if isinstance(item, float) and not math.isfinite(item):
+                raise SpecError(f"{where}[{i}]: must be a finite number, got {item!r}")
     elif base.startswith("dict") and not isinstance(value, dict):
         raise SpecError(f"{where}: expected a table, got {type(value).__name__}")
     return value
@@ -180,11 +192,17 @@ def parse_spec(data: dict[str, Any]) -> ExperimentSpec:
     _check(1 <= ro.max_tokens <= 32768, "rollout.max_tokens", f"must be in 1..32768, got {ro.max_tokens}")
     _check(ro.temperature > 0, "rollout.temperature", f"must be > 0, got {ro.temperature}")
     _check(0 < ro.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {ro.top_p}")
+    _check(ro.off_policy_steps in (0, 1), "rollout.off_policy_steps", f"must be 0 or 1, got {ro.off_policy_steps}")
+    _check(0 < spec.priority <= 1000, "priority", f"must be in (0, 1000], got {spec.priority}")
     _check(gr.epsilon >= 0, "grpo.epsilon", "must be >= 0")
     _check(gr.epsilon_high is None or gr.epsilon_high >= 0, "grpo.epsilon_high", "must be >= 0")
     _check(gr.beta >= 0, "grpo.beta", "must be >= 0")
     _check(gr.loss_type in LOSS_TYPES, "grpo.loss_type", f"must be one of {', '.join(LOSS_TYPES)}, got {gr.loss_type!r}")
     _check(1 <= gr.iterations <= 16, "grpo.iterations", "must be in 1..16")
+    try:
+        check_task_args(spec.task, spec.task_args)
+    except TaskError as exc:
+        raise SpecError(str(exc)) from None
     return spec
 
 
@@ -214,6 +232,9 @@ def resolve_relative_paths(spec: ExperimentSpec, base: Path) -> ExperimentSpec:
     return spec
 
 
+DEFAULT_MAX_STEP_TOKENS = 1 << 18
+
+
 @dataclass
 class EngineConfig:
     """How the engine runs: model, backend, capacity. Set at `engine start`."""
@@ -228,6 +249,9 @@ class EngineConfig:
     vllm_memory_fraction: float = 0.15  # on CPU this is a share of host RAM
     vllm_kv_cache_bytes: int = 256 << 20
     max_model_len: int | None = None  # None: the model's own maximum
+    # Work budget per step of one tenant: prompts_per_step * num_generations * (longest prompt +
+    # max_tokens) tokens. The default experiment needs ~1k; a spec above this is refused at submit.
+    max_step_tokens: int = DEFAULT_MAX_STEP_TOKENS
     # One mixed-adapter forward/backward for all tenants' updates (exact, see trainer.train_fused).
     # None = auto: on CUDA, where it amortises kernel launches; not on CPU, where the step is
     # compute-bound and the fused batch only doubles peak memory (measured: bench --serial-train).

@@ -15,12 +15,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from engine.checkpoint import latest_checkpoint
+from engine.checkpoint import checkpoint_step, checkpoints, latest_readable_checkpoint
 from engine.config import EngineConfig, ExperimentSpec, SpecError, parse_spec
 from engine.events import EventBus
 from engine.store import Store
 from engine.tasks import TaskError
 from engine.telemetry import GpuProbe, ProcessProbe
+from engine.tasks.rewards import RewardError
 from engine.tenant import FINAL_STATES, State, Tenant
 
 
@@ -36,7 +37,7 @@ class Engine:
     def __init__(self, config: EngineConfig, home: Path | None = None):
         self.config = config
         self.home = Path(home or default_home())
-        self.home.mkdir(parents=True, exist_ok=True)
+        self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.checkpoint_root = self.home / "checkpoints"
         self.store = Store(self.home / "clora.db")
         self.events = EventBus(self.store)
@@ -54,6 +55,9 @@ class Engine:
         self.gpu = GpuProbe()
         self.process = ProcessProbe()
         self.last_system: dict = {}
+        self.adapter_bytes_seen: dict[str, int] = {}  # last value read under the trainer lock
+        self.checkpointed: int | None = None  # checkpoints written at shutdown
+        self.stopped_event: dict | None = None  # the last event, announcing the shutdown
 
     # -- lifecycle ------------------------------------------------------------------
     def set_stage(self, stage: str) -> None:
@@ -80,58 +84,106 @@ class Engine:
                  f"backend {self.loaded.backend_name}, device {self.loaded.device}")
 
     def _restore_tenants(self) -> None:
-        """Bring back every unfinished tenant: running ones resume from their last checkpoint."""
+        """Bring back every unfinished tenant: running ones resume from their last checkpoint.
+        A stored tenant that cannot be restored (a spec this version refuses, a missing dataset
+        or reward module, unreadable files) is failed with the reason; the others go on."""
         for row in self.store.experiments():
-            state = State(row["state"])
-            if state in FINAL_STATES:
-                continue
             try:
-                spec = parse_spec(row["spec"])
-                tenant = Tenant(id=row["id"], spec=spec, created=row["created"])
-                tenant.load_task()
-            except (SpecError, TaskError) as exc:
-                self.store.update_experiment(row["id"], state=State.FAILED.value, error=f"cannot restore: {exc}")
-                continue
-            # A checkpoint is written just before its step is recorded: one newer than the last
-            # recorded step describes work nobody heard of; drop it and use the one before.
-            recorded = max((r["step"] for r in self.store.steps(tenant.id)), default=0)
-            ckpt = latest_checkpoint(self.checkpoint_root, tenant.id)
-            while ckpt is not None and int(ckpt.name.split("-")[1]) > recorded:
-                shutil.rmtree(ckpt, ignore_errors=True)
-                self.store.drop_checkpoint(tenant.id, int(ckpt.name.split("-")[1]))
-                ckpt = latest_checkpoint(self.checkpoint_root, tenant.id)
-            ckpt_step = int(ckpt.name.split("-")[1]) if ckpt else 0
-            undone = self.store.roll_back_after(tenant.id, ckpt_step)
-            tenant.step = ckpt_step
-            tenant.restore_from = ckpt
-            tenant.last_eval_step = max((e["step"] for e in self.store.evals(tenant.id)), default=-1)
-            tenant.started = time.time()
-            if state == State.PAUSED:
-                tenant.state, tenant.reason = State.PAUSED, "paused (restored after engine restart)"
-                tenant.paused_from = State.QUEUED
-            else:
-                tenant.state = State.QUEUED
-                tenant.reason = "restoring from checkpoint" if ckpt else "waiting for an adapter slot"
-            self.tenants[tenant.id] = tenant
-            self.store.update_experiment(tenant.id, state=tenant.state.value, reason=tenant.reason,
-                                         restored_from=ckpt_step)
-            if undone or state not in (State.QUEUED, State.PAUSED) or ckpt:
-                self.log(f"{tenant.id} restored at step {ckpt_step}" + (f"; {undone} later step(s) rolled back" if undone else ""),
-                         tenant.id)
+                state = State(row["state"])
+                if state in FINAL_STATES:
+                    continue
+                self._restore_one(row, state)
+            except Exception as exc:  # noqa: BLE001 - one bad record must not stop the engine
+                self.tenants.pop(row["id"], None)
+                why = str(exc) if isinstance(exc, (SpecError, TaskError)) else f"{type(exc).__name__}: {exc}"
+                self.store.update_experiment(row["id"], state=State.FAILED.value, reason="failed in restore",
+                                             error=f"cannot restore: {why}", finished=time.time())
+                self.log(f"{row['id']} cannot be restored: {why}", row["id"], level="error")
 
-    def shutdown(self, checkpoint: bool = True) -> None:
-        """Stop the loop, checkpoint every tenant holding an adapter, release the backend."""
+    def _restore_one(self, row: dict, state: State) -> None:
+        spec = parse_spec(row["spec"])
+        tenant = Tenant(id=row["id"], spec=spec, created=row["created"])
+        tenant.load_task()
+        try:
+            self._restore_checkpoint(tenant, state)
+        except BaseException:
+            close = getattr(tenant, "close", None)
+            if callable(close):
+                close()
+            raise
+
+    def _restore_checkpoint(self, tenant: Tenant, state: State) -> None:
+        # A checkpoint is written just before its step is recorded: one newer than the last
+        # recorded step describes work nobody heard of; drop it. An unreadable one (truncated by
+        # a crash or a full disk) is dropped too; the newest readable one before it is used.
+        recorded = max((r["step"] for r in self.store.steps(tenant.id)), default=0)
+        for path in checkpoints(self.checkpoint_root, tenant.id):
+            if checkpoint_step(path) > recorded:
+                shutil.rmtree(path, ignore_errors=True)
+                self.store.drop_checkpoint(tenant.id, checkpoint_step(path))
+        skipped: list = []
+        ckpt = latest_readable_checkpoint(self.checkpoint_root, tenant.id, max_step=recorded, skipped=skipped)
+        for path, why in skipped:
+            self.log(f"{tenant.id}: checkpoint at step {checkpoint_step(path)} is unreadable ({why}); "
+                     "falling back to the one before", tenant.id, level="warning")
+            shutil.rmtree(path, ignore_errors=True)
+            self.store.drop_checkpoint(tenant.id, checkpoint_step(path))
+        ckpt_step = checkpoint_step(ckpt) if ckpt else 0
+        undone = self.store.roll_back_after(tenant.id, ckpt_step)
+        tenant.step = ckpt_step
+        tenant.restore_from = ckpt
+        tenant.last_eval_step = max((e["step"] for e in self.store.evals(tenant.id)), default=-1)
+        tenant.started = time.time()
+        if state == State.PAUSED:
+            tenant.state, tenant.reason = State.PAUSED, "paused (restored after engine restart)"
+            tenant.paused_from = State.QUEUED
+        else:
+            tenant.state = State.QUEUED
+            tenant.reason = "restoring from checkpoint" if ckpt else "waiting for an adapter slot"
+        self.tenants[tenant.id] = tenant
+        self.store.update_experiment(tenant.id, state=tenant.state.value, reason=tenant.reason,
+                                     restored_from=ckpt_step)
+        if undone or state not in (State.QUEUED, State.PAUSED) or ckpt:
+            self.log(f"{tenant.id} restored at step {ckpt_step}" + (f"; {undone} later step(s) rolled back" if undone else ""),
+                     tenant.id)
+
+    def shutdown(self, checkpoint: bool = True) -> int | None:
+        """Stop the loop, checkpoint every tenant holding an adapter, release the backend.
+        Returns how many checkpoints were written (None if that is not known); the last event,
+        a log line `engine stopped; ...`, carries it as `checkpointed`."""
         self.stopping.set()
         with self.wakeup:
             self.wakeup.notify_all()
         if self.thread and self.thread is not threading.current_thread():
             self.thread.join(timeout=600)
+        written: int | None = 0
         if checkpoint and self.loaded is not None and hasattr(self, "scheduler"):
-            self.scheduler.checkpoint_all()
-        self.log("engine stopped")
+            before = self._checkpoint_marks()
+            result = self.scheduler.checkpoint_all()
+            if isinstance(result, int) and not isinstance(result, bool):
+                written = result
+            else:  # a scheduler that does not count: compare the checkpoint records
+                try:
+                    after = self._checkpoint_marks()
+                    written = sum(1 for tid, steps in after.items() if steps - before.get(tid, set()))
+                except Exception:  # noqa: BLE001
+                    written = None
+        self.checkpointed = written
+        if written is None:
+            message = "engine stopped"
+        elif written:
+            message = f"engine stopped; {written} tenant checkpoint(s) written"
+        else:
+            message = "engine stopped; no tenant needed a checkpoint"
+        self.stopped_event = self.events.emit("log", None, level="info", message=message, stopped=True,
+                                              checkpointed=written)
         if self.loaded is not None:
             self.loaded.backend.close()
         self.store.close()
+        return written
+
+    def _checkpoint_marks(self) -> dict[str, set[int]]:
+        return {tid: {c["step"] for c in self.store.checkpoints(tid)} for tid in list(self.tenants)}
 
     def log(self, message: str, tenant: str | None = None, level: str = "info") -> None:
         self.events.emit("log", tenant, level=level, message=message)
@@ -157,8 +209,38 @@ class Engine:
             if missing:
                 raise SpecError(f"lora.target_modules: {missing} not in the base model")
         probe = Tenant(id="probe", spec=spec)
-        probe.load_task()  # raises TaskError for unknown tasks / reward modules
+        probe.load_task()  # raises TaskError for unknown tasks
+        if probe.reward is not None:
+            try:  # imported in a throwaway worker: user code never runs in the engine
+                probe.reward.check()
+            except RewardError as exc:
+                raise TaskError(str(exc)) from None
+        self.check_work(spec, probe.task)
         return spec
+
+    def check_work(self, spec: ExperimentSpec, task) -> None:
+        """Refuse a spec whose step (or eval) would sample more tokens than this engine's budget
+        (EngineConfig.max_step_tokens): sequences x (longest prompt + max_tokens)."""
+        ro, budget = spec.rollout, self.config.max_step_tokens
+        tokenizer = self.loaded.tokenizer if self.loaded is not None else None
+
+        def length(text: str) -> int:
+            return len(tokenizer.encode(text, add_special_tokens=False)) if tokenizer is not None else len(text)
+
+        prompt = max((length(p) for p in task.sample_prompts(spec.seed, 64)), default=0)
+        per_row = prompt + ro.max_tokens
+        rows = ro.prompts_per_step * ro.num_generations
+        if rows * per_row > budget:
+            raise SpecError(f"rollout: one step would sample {rows:,} sequences (prompts_per_step x num_generations) "
+                            f"of up to {prompt} prompt + {ro.max_tokens} new tokens = {rows * per_row:,} tokens, "
+                            f"above this engine's max_step_tokens {budget:,}; lower rollout.prompts_per_step, "
+                            "rollout.num_generations or rollout.max_tokens (or start the engine with a larger "
+                            "--max-step-tokens)")
+        eval_rows = len(task.eval_set()) if spec.eval_every > 0 else 0
+        if eval_rows * per_row > budget:
+            raise SpecError(f"task_args.eval_size: an eval would sample {eval_rows:,} sequences of up to {per_row} "
+                            f"tokens = {eval_rows * per_row:,} tokens, above this engine's max_step_tokens "
+                            f"{budget:,}; lower task_args.eval_size or rollout.max_tokens")
 
     def submit(self, spec: ExperimentSpec | dict) -> dict:
         try:
@@ -228,11 +310,11 @@ class Engine:
                 self.loaded.trainer.save_adapter(tenant.id, directory)
                 step = tenant.step
             else:
-                ckpt = latest_checkpoint(self.checkpoint_root, tenant.id)
+                ckpt = latest_readable_checkpoint(self.checkpoint_root, tenant.id)
                 if ckpt is None:
-                    raise EngineError(f"export: {tenant.id} has no adapter in memory and no checkpoint")
+                    raise EngineError(f"export: {tenant.id} has no adapter in memory and no readable checkpoint")
                 shutil.copytree(ckpt / "adapter", directory, dirs_exist_ok=True)
-                step = int(ckpt.name.split("-")[1])
+                step = checkpoint_step(ckpt)
         except OSError as exc:
             raise EngineError(f"export: cannot write {directory}: {exc}") from None
         return {"id": tenant.id, "path": str(directory), "step": step}
@@ -242,9 +324,7 @@ class Engine:
         last = self.store.steps(tenant.id, since=max(0, tenant.step - 1))
         last = last[-1] if last else {}
         evals = self.store.evals(tenant.id)
-        adapter_bytes = 0
-        if self.loaded is not None and tenant.id in self.loaded.trainer.optimizers:
-            adapter_bytes = self.loaded.trainer.adapter_bytes(tenant.id)
+        adapter_bytes = self.adapter_bytes(tenant.id)
         return {
             "id": tenant.id, "name": tenant.spec.name, "state": tenant.state.value, "reason": tenant.reason,
             "error": tenant.error, "step": tenant.step, "steps": tenant.spec.steps, "task": tenant.spec.task,
@@ -253,6 +333,28 @@ class Engine:
             "queue_s": last.get("queue_s"), "warmup_s": tenant.warmup_s, "phase": tenant.phase,
             "phase_since": tenant.phase_since, "adapter_bytes": adapter_bytes, "finished": tenant.finished,
         }
+
+    def adapter_bytes(self, tenant_id: str) -> int:
+        """Bytes of a tenant's adapter (weights + optimizer moments). The trainer's parameters are
+        walked under its lock; while the trainer is busy (a step holds the lock for seconds) the
+        value last read is reported instead of waiting."""
+        loaded = self.loaded
+        if loaded is None:
+            return 0
+        trainer = loaded.trainer
+        lock = getattr(trainer, "lock", None)
+        if lock is not None and not lock.acquire(blocking=False):
+            return self.adapter_bytes_seen.get(tenant_id, 0)
+        try:
+            if tenant_id not in trainer.optimizers:
+                self.adapter_bytes_seen.pop(tenant_id, None)
+                return 0
+            value = trainer.adapter_bytes(tenant_id)
+        finally:
+            if lock is not None:
+                lock.release()
+        self.adapter_bytes_seen[tenant_id] = value
+        return value
 
     def list_tenants(self) -> list[dict]:
         with self.lock:
@@ -286,8 +388,8 @@ class Engine:
             tenant = self.tenants.get(tenant_id) or self._stored(tenant_id)
         return self.store.steps(tenant.id, since=since)
 
-    def status(self) -> dict:
-        counts = collections.Counter(t["state"] for t in self.list_tenants())
+    def status(self, system: dict | None = None, tenants: list[dict] | None = None) -> dict:
+        counts = collections.Counter(t["state"] for t in (tenants if tenants is not None else self.list_tenants()))
         with self.lock:
             in_flight = sum(1 for t in self.tenants.values() if t.state in (State.WARMING, State.RUNNING))
         loaded = self.loaded
@@ -301,7 +403,8 @@ class Engine:
             "tenants": dict(counts), "slots_total": self.config.max_loras, "slots_used": in_flight,
             "slots_free": self.config.max_loras - in_flight, "max_lora_rank": self.config.max_lora_rank,
             "fused_train": getattr(getattr(self, "scheduler", None), "fused", None),
-            "system": self.system_sample(),
+            "max_step_tokens": self.config.max_step_tokens,
+            "system": system if system is not None else self.system_sample(),
         }
 
     def system_sample(self) -> dict:
@@ -310,6 +413,6 @@ class Engine:
         if self.loaded is not None:
             with self.lock:
                 ids = [t.id for t in self.tenants.values() if t.id in self.loaded.trainer.optimizers]
-            sample["adapter_bytes"] = {i: self.loaded.trainer.adapter_bytes(i) for i in ids}
+            sample["adapter_bytes"] = {i: self.adapter_bytes(i) for i in ids}
         self.last_system = sample
         return sample

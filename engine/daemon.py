@@ -1,4 +1,11 @@
-"""Running the engine as a daemon: the foreground `serve`, the detached `start_daemon`, `stop_daemon`.
+"""Running the engine as a daemon process: `serve` runs it in the foreground (what
+`python -m engine serve` does); clora_tui/launcher.py starts that detached and stops it.
+This module also holds what both sides need: the engine lock, the pid file, stale-file
+cleanup and `prepare_home`.
+
+CLORA_HOME must be private to its owner: a directory the engine creates is made 0700; an
+existing one that other users can enter, or that another user owns, is refused with a
+message saying how to fix it. Its permissions are never changed.
 
 One engine per CLORA_HOME: the running engine holds an exclusive `fcntl.flock` on
 CLORA_HOME/engine.lock for its whole life. The kernel drops that lock when the process
@@ -12,6 +19,8 @@ import errno
 import fcntl
 import os
 import signal
+import sqlite3
+import stat
 import sys
 import threading
 import time
@@ -55,7 +64,7 @@ def pid_alive(pid: int | None) -> bool:
 
 def try_lock(home: Path):
     """The engine lock's open file if we got it, or None if an engine holds it."""
-    Path(home).mkdir(parents=True, exist_ok=True)
+    Path(home).mkdir(parents=True, exist_ok=True, mode=0o700)
     fd = os.open(lock_path(home), os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -105,13 +114,37 @@ def clean_stale(home: Path, say: Callable[[str], None] = print) -> list[str]:
     return removed
 
 
+def check_private(home: Path) -> None:
+    """Refuse a CLORA_HOME other users can enter or that another user owns: it holds the
+    engine's token, socket, database and checkpoints. Its permissions are left as they are."""
+    st = os.stat(home)
+    if not stat.S_ISDIR(st.st_mode):
+        raise DaemonError(f"CLORA_HOME {home} is not a directory")
+    mode = stat.S_IMODE(st.st_mode)
+    if st.st_uid != os.getuid():
+        raise DaemonError(f"CLORA_HOME {home} belongs to another user (uid {st.st_uid}); point CLORA_HOME "
+                          "(or --home) at a directory of your own, e.g. ~/.clora")
+    if mode & 0o077:
+        raise DaemonError(f"CLORA_HOME {home} is accessible by other users (mode {mode:04o}); it would hold the "
+                          "engine's token, socket, database and checkpoints. Point CLORA_HOME (or --home) at a "
+                          f"private directory (e.g. ~/.clora, created 0700), or make this one private: chmod 700 {home}")
+
+
 def prepare_home(home: Path) -> Path:
+    """Create CLORA_HOME (0700) if it does not exist, check that it is private, create logs/."""
     home = Path(home).expanduser().resolve()
-    home.mkdir(parents=True, exist_ok=True)
-    os.chmod(home, 0o700)
-    protocol.log_path(home).parent.mkdir(parents=True, exist_ok=True)
     if len(str(protocol.socket_path(home))) >= 104:
         raise DaemonError(f"CLORA_HOME {home} is too long for a Unix socket path (keep it under ~90 characters)")
+    try:
+        home.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            home.mkdir(mode=0o700)
+        except FileExistsError:
+            pass
+        check_private(home)
+        protocol.log_path(home).parent.mkdir(exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise DaemonError(f"cannot use CLORA_HOME {home}: {exc.strerror or exc}") from None
     return home
 
 
@@ -122,7 +155,11 @@ def serve(home: Path, config: EngineConfig) -> int:
     from engine.server import EngineServer
 
     home = prepare_home(home)
-    lock_fd = try_lock(home)
+    try:
+        lock_fd = try_lock(home)
+    except OSError as exc:
+        print(f"error: cannot start the engine in {home}: {describe_io_error(exc)}", file=sys.stderr, flush=True)
+        return 1
     if lock_fd is None:
         pid = read_pid(home)
         print(f"refused: an engine is already running on {home}" + (f" (pid {pid})" if pid else "")
@@ -130,18 +167,22 @@ def serve(home: Path, config: EngineConfig) -> int:
         return 3
     stop = threading.Event()
     try:
-        clean_stale(home, lambda m: print(m, flush=True))
-        protocol.pid_path(home).write_text(f"{os.getpid()}\n")
-        engine = Engine(config, home)
-        try:  # uptime and cold start count from the process start (imports included)
-            import psutil
+        try:
+            clean_stale(home, lambda m: print(m, flush=True))
+            protocol.pid_path(home).write_text(f"{os.getpid()}\n")
+            engine = Engine(config, home)
+            try:  # uptime and cold start count from the process start (imports included)
+                import psutil
 
-            engine.created = psutil.Process().create_time()
-        except Exception:  # noqa: BLE001
-            pass
-        engine.events.listeners.append(_print_event)
-        server = EngineServer(engine, home, on_shutdown=stop.set)
-        server.start()
+                engine.created = psutil.Process().create_time()
+            except Exception:  # noqa: BLE001
+                pass
+            engine.events.listeners.append(_print_event)
+            server = EngineServer(engine, home, on_shutdown=stop.set)
+            server.start()
+        except (OSError, sqlite3.Error) as exc:  # a full disk, a read-only or unwritable home
+            print(f"error: cannot start the engine in {home}: {describe_io_error(exc)}", file=sys.stderr, flush=True)
+            return 1
         print(f"engine pid {os.getpid()} listening on {server.path} (model {config.model}, backend {config.backend})",
               flush=True)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -167,6 +208,7 @@ def serve(home: Path, config: EngineConfig) -> int:
         if server.failed:
             time.sleep(1.0)  # let attached clients read why
         engine.shutdown(checkpoint=True)
+        server.announce_stopped(engine.stopped_event)
         server.close()
         print("engine stopped", flush=True)
         return 1 if server.failed else 0
@@ -177,6 +219,19 @@ def serve(home: Path, config: EngineConfig) -> int:
         except OSError:
             pass
         os.close(lock_fd)
+
+
+def describe_io_error(exc: BaseException) -> str:
+    """One line for a failed write: what failed and the likely cause."""
+    text = f"{exc.strerror} ({exc.filename})" if isinstance(exc, OSError) and exc.strerror and exc.filename \
+        else (exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc))
+    errno_ = getattr(exc, "errno", None)
+    lowered = str(exc).lower()
+    if errno_ in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or "full" in lowered or "i/o error" in lowered:
+        text += "; is the disk full? free some space (or point CLORA_HOME elsewhere) and start again"
+    elif errno_ in (errno.EACCES, errno.EPERM, errno.EROFS) or "readonly" in lowered or "read-only" in lowered:
+        text += "; CLORA_HOME must be writable by you"
+    return text
 
 
 def _print_event(event: dict) -> None:
@@ -192,5 +247,8 @@ def _print_event(event: dict) -> None:
 
 
 def config_from_args(args) -> EngineConfig:
+    extra = {}
+    if getattr(args, "max_step_tokens", None) is not None:
+        extra["max_step_tokens"] = args.max_step_tokens
     return EngineConfig(model=args.model, backend=args.backend, max_loras=args.max_loras,
-                        max_lora_rank=args.max_lora_rank, fused_train=getattr(args, "fused_train", None))
+                        max_lora_rank=args.max_lora_rank, fused_train=getattr(args, "fused_train", None), **extra)

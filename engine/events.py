@@ -1,8 +1,18 @@
 """The event stream: every event gets the next sequence number, is persisted, then fanned out.
 
 Invariant: `snapshot_then_follow` hands a subscriber a snapshot taken at sequence S and
-every event after S, nothing twice and nothing missing, because the snapshot and the
-subscription are taken under the same lock that numbers events.
+every event after S, nothing twice and nothing missing, because the cut of the snapshot and
+the subscription are taken under the same lock that numbers events.
+
+Only the *cut* must be taken under the lock: the sequence number S, the subscription, the
+live state, and per tenant the newest recorded step and eval (a step or eval row is written
+under this lock together with the event that announces it). The bulky part (every tenant's
+full history, the recent log) is read afterwards, outside the lock, bounded by that cut:
+steps and evals up to the marks, log events with seq <= S. Rows are append-only, so what is
+read later is exactly what existed at S; emitters are never held up by a snapshot.
+
+Persisted events are the log and a thin index of the rest: a step event is stored as its
+step number only (its figures are in the steps table); old events are pruned by the store.
 """
 
 from __future__ import annotations
@@ -16,6 +26,7 @@ from engine.store import Store
 
 EVENT_KINDS = ("phase", "step", "eval", "state", "system", "log", "engine")
 PERSISTED = {"step", "eval", "state", "log", "engine"}  # phase/system are high-rate and transient
+STORED_FIELDS = {"step": ("step",)}  # kinds whose data lives in a table of its own: keep a reference only
 
 
 class Subscription:
@@ -51,8 +62,11 @@ class EventBus:
             self.seq += 1
             event = {"seq": self.seq, "time": time.time(), "kind": kind, "tenant": tenant, "data": data}
             if kind in PERSISTED:
+                stored = data
+                if kind in STORED_FIELDS:
+                    stored = {k: data[k] for k in STORED_FIELDS[kind] if k in data}
                 try:
-                    self.store.add_event(self.seq, kind, tenant, data)
+                    self.store.add_event(self.seq, kind, tenant, stored)
                 except Exception:  # noqa: BLE001 - a full disk must not stop the stream
                     pass
             for sub in list(self.subscribers):
@@ -63,11 +77,13 @@ class EventBus:
                 listener(event)
             return event
 
-    def snapshot_then_follow(self, snapshot: Callable[[], Any]) -> tuple[Any, int, Subscription]:
+    def snapshot_then_follow(self, cut: Callable[[], Any]) -> tuple[Any, int, Subscription]:
+        """Under the lock: `cut()` (keep it cheap: live state and marks, not histories), the
+        current sequence number S and a subscription that will receive every event after S."""
         with self.lock:
             sub = Subscription()
             self.subscribers.append(sub)
-            return snapshot(), self.seq, sub
+            return cut(), self.seq, sub
 
     def unsubscribe(self, sub: Subscription) -> None:
         with self.lock:

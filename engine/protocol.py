@@ -11,6 +11,12 @@ The first request of every connection must be `hello` with the token kept in
 CLORA_HOME/token; anything else is refused and the connection closed. After
 `subscribe` the engine answers with a snapshot taken at sequence S and then pushes
 every event with seq > S on the same connection, in order.
+
+`start` and `clone` take an optional `idempotency_key` (see IDEMPOTENT_OPS). After `shutdown`
+the connection stays open until the engine has stopped; its last message is the event
+`{"kind": "log", "data": {"stopped": true, "checkpointed": N, ...}}` (N: checkpoints written,
+null if unknown). Connection-level errors (too many connections, a message too large) are
+sent with `"id": null`.
 """
 
 from __future__ import annotations
@@ -22,6 +28,10 @@ from typing import Any
 
 VERSION = 1
 MAX_LINE = 1 << 20  # bytes; longer messages are refused
+MAX_HELLO_LINE = 4096  # bytes; before the token is proven, nothing longer is buffered
+MAX_DEPTH = 32  # nesting of objects and arrays in one message
+MAX_INT = (1 << 63) - 1  # integer arguments must fit SQLite's INTEGER
+MAX_KEY_LEN = 128  # idempotency keys
 
 OPS = {
     "hello": {"token": str},
@@ -29,17 +39,22 @@ OPS = {
     "list": {},
     "get": {"id": str},
     "history": {"id": str, "since": int},
-    "start": {"spec": dict},
+    "start": {"spec": dict, "idempotency_key": str},
     "pause": {"id": str},
     "resume": {"id": str},
     "kill": {"id": str},
-    "clone": {"id": str, "overrides": dict},
+    "clone": {"id": str, "overrides": dict, "idempotency_key": str},
     "export": {"id": str, "path": str},
     "subscribe": {},
     "logs": {"since": int, "limit": int},
     "shutdown": {},
 }
-OPTIONAL_ARGS = {("history", "since"), ("clone", "overrides"), ("logs", "since"), ("logs", "limit")}
+OPTIONAL_ARGS = {("history", "since"), ("clone", "overrides"), ("logs", "since"), ("logs", "limit"),
+                 ("start", "idempotency_key"), ("clone", "idempotency_key")}
+# Requests that create something: a client sends a fresh `idempotency_key` with each and reuses
+# it when it retries (after a timeout or a lost connection); the engine answers a key it has
+# seen with the first answer instead of creating a duplicate.
+IDEMPOTENT_OPS = {"start", "clone"}
 
 EVENT_KINDS = ("engine", "state", "phase", "step", "eval", "system", "log")
 
@@ -73,14 +88,30 @@ def event(ev: dict) -> dict:
     return {"v": VERSION, "event": ev}
 
 
-def parse_request(line: bytes) -> tuple[Any, str, dict]:
+def too_deep(obj: Any, limit: int = MAX_DEPTH) -> bool:
+    """Whether objects/arrays nest deeper than `limit` (checked without recursion)."""
+    stack = [(obj, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (dict, list)):
+            if depth > limit:
+                return True
+            stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return False
+
+
+def parse_request(line: bytes, max_line: int = MAX_LINE) -> tuple[Any, str, dict]:
     """Validate one request line; returns (id, op, args) or raises ProtocolError."""
-    if len(line) > MAX_LINE:
-        raise ProtocolError("too_large", f"message over {MAX_LINE} bytes")
+    if len(line.rstrip(b"\r\n")) > max_line:
+        raise ProtocolError("too_large", f"message over {max_line} bytes")
     try:
         msg = json.loads(line)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ProtocolError("bad_json", f"not JSON: {exc}") from None
+    except RecursionError:
+        raise ProtocolError("bad_json", f"not JSON this engine reads: nested deeper than {MAX_DEPTH} levels") from None
+    if too_deep(msg):
+        raise ProtocolError("bad_request", f"message nested deeper than {MAX_DEPTH} levels")
     if not isinstance(msg, dict):
         raise ProtocolError("bad_request", "a message must be a JSON object")
     if msg.get("v") != VERSION:
@@ -97,6 +128,10 @@ def parse_request(line: bytes) -> tuple[Any, str, dict]:
             raise ProtocolError("bad_request", f"{op}: missing argument {name!r}")
         if not isinstance(args[name], kind) or (kind is int and isinstance(args[name], bool)):
             raise ProtocolError("bad_request", f"{op}: argument {name!r} must be {kind.__name__}")
+        if kind is int and not -MAX_INT <= args[name] <= MAX_INT:
+            raise ProtocolError("bad_request", f"{op}: argument {name!r} out of range (|{name}| <= 2**63-1)")
+        if name == "idempotency_key" and not 0 < len(args[name]) <= MAX_KEY_LEN:
+            raise ProtocolError("bad_request", f"{op}: idempotency_key must be 1..{MAX_KEY_LEN} characters")
     extra = set(args) - set(OPS[op])
     if extra:
         raise ProtocolError("bad_request", f"{op}: unknown argument {sorted(extra)[0]!r}")

@@ -1,24 +1,54 @@
-"""The scheduler loop: one shared rollout batch for every running tenant, then per-tenant
-reward -> advantages -> train -> sync -> record (+ checkpoint).
+"""The scheduler: every tenant's step goes through a pipeline, and nothing waits in lockstep.
 
-Only this thread touches the trainer and the inference backend. A tenant's failure
-(reward raises or hangs, NaN loss, a bad adapter) fails that tenant and nothing else.
-Admission control: at most `slots` tenants warming or running; the rest wait queued,
-in submission order, with the reason shown.
+    rollout (rows join the shared continuous batch; a job is back when its own rows are)
+      -> score (rewards, eval, train batch: in a thread pool, user reward code in a
+         worker process with its deadline; never on this thread)
+      -> train (all tenants ready at that moment, fused in micro-batches where enabled)
+      -> sync -> record (+ checkpoint) -> the tenant's next rollout joins the batch.
+
+While one tenant's rewards wait on I/O the others keep sampling and training; a short
+tenant does not wait for a long tenant's rollout. Only this thread touches the trainer
+and the inference backend. A tenant's failure (bad task arguments, a reward that
+raises, hangs or kills its worker, NaN loss, a bad adapter) fails that tenant only.
+Commands (pause, kill) act between two decode steps: a tenant's sampling job is
+cancelled and its step is redone on resume (its data and seeds derive from the step).
+Admission control: at most `slots` tenants warming or running; the rest wait queued.
+The tenant state machine (tenant.TRANSITIONS) is enforced here: an illegal change is
+refused and logged, so a kill is never overwritten by a late failure or a late step.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import itertools
+import shutil
 import statistics
+import threading
 import time
 import traceback
+from dataclasses import dataclass, field
 
-
-from engine.checkpoint import CheckpointError, load_checkpoint, prune_checkpoints, save_checkpoint, dir_bytes
-from engine.tenant import FINAL_STATES, Rollouts, State, Tenant
-
+from engine.checkpoint import CheckpointError, dir_bytes, load_checkpoint, prune_checkpoints, save_checkpoint
+from engine.tenant import FINAL_STATES, TRANSITIONS, Rollouts, State, Tenant
 
 COALESCE_S = 0.1
+DISK_RETRY_S = 5.0
+
+
+@dataclass
+class StepWork:
+    """One tenant's step in flight."""
+
+    tag: str
+    plan: dict
+    rollout_start: float
+    train_clock_start: float
+    step: int = 0  # the tenant step this work trains (tenant.step when it is trained)
+    stale: int = 0  # 1: sampled before the previous update was applied (off-policy)
+    rollout_s: float = 0.0
+    future: concurrent.futures.Future | None = None
+    scored_at: float = 0.0
+    extra: dict = field(default_factory=dict)
 
 
 class Scheduler:
@@ -29,46 +59,89 @@ class Scheduler:
         self.trainer = engine.loaded.trainer
         self.backend = engine.loaded.backend
         self.last_system = 0.0
+        self.last_disk_retry = 0.0
         fused = engine.config.fused_train
-        self.fused = fused if fused is not None else engine.loaded.device.type == "cuda"
+        self.fused = True if fused is None else fused
+        self.work: dict[str, StepWork] = {}  # each running tenant's current step
+        self.prefetch: dict[str, StepWork] = {}  # off-policy: its next step, sampling early
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(4, self.backend.slots),
+                                                          thread_name_prefix="score")
+        self.scored = threading.Event()  # set by a scoring thread when it finishes
+        self.train_clock = 0.0  # seconds this thread spent training (not sampling)
+        self.tags = itertools.count(1)
 
     # -- loop -------------------------------------------------------------------------
     def run(self) -> None:
         engine = self.engine
         idle = True
-        while not engine.stopping.is_set():
-            try:
-                self.apply_commands()
-                self.admit()
-                self.maybe_sample_system()
-                running = [t for t in engine.tenants.values() if t.state == State.RUNNING]
-                if not running:
-                    idle = True
-                    with engine.wakeup:
-                        if not engine.commands and not engine.stopping.is_set():
-                            engine.wakeup.wait(timeout=0.5)
-                    continue
-                if idle:
-                    # Waking from idle: experiments submitted together (a sweep) should share
-                    # the first batch rather than wait a whole step behind the first one.
-                    idle = False
-                    time.sleep(COALESCE_S)
+        try:
+            while not engine.stopping.is_set():
+                try:
                     self.apply_commands()
                     self.admit()
-                    running = [t for t in engine.tenants.values() if t.state == State.RUNNING]
-                if running:
-                    self.step_all(running)
-            except Exception as exc:  # noqa: BLE001 - the loop must survive anything
-                engine.log(f"scheduler error: {type(exc).__name__}: {exc}\n{traceback.format_exc()}", level="error")
-                time.sleep(0.5)
+                    self.maybe_sample_system()
+                    running = self.running()
+                    if not running and not self.work:
+                        idle = True
+                        with engine.wakeup:
+                            if not engine.commands and not engine.stopping.is_set():
+                                engine.wakeup.wait(timeout=0.5)
+                        continue
+                    if idle:
+                        # Waking from idle: experiments submitted together (a sweep) should
+                        # share the first batch rather than start one behind the other.
+                        idle = False
+                        time.sleep(COALESCE_S)
+                        self.apply_commands()
+                        self.admit()
+                        running = self.running()
+                    self.cycle(running)
+                except Exception as exc:  # noqa: BLE001 - the loop must survive anything
+                    engine.log(f"scheduler error: {type(exc).__name__}: {exc}\n{traceback.format_exc()}", level="error")
+                    time.sleep(0.5)
+        finally:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def running(self) -> list[Tenant]:
+        return [t for t in self.engine.tenants.values() if t.state == State.RUNNING]
+
+    def cycle(self, running: list[Tenant]) -> None:
+        """One turn of the pipeline: start steps, one decode step, collect scores, train."""
+        self.scored.clear()  # a scorer finishing from here on wakes the wait below
+        for tenant in running:
+            if tenant.id not in self.work:
+                self.start_step(tenant)
+        progressed = False
+        if self.backend.busy:
+            for tag, result in self.backend.advance():
+                self.rollout_done(tag, result)
+            progressed = True
+        ready = self.collect_scored()
+        if ready:
+            self.apply_commands()
+            ready = [t for t in ready if t.state == State.RUNNING]
+            self.train(ready)
+            progressed = True
+        if not progressed:
+            # Everyone is waiting on rewards (I/O): sleep until a scorer finishes.
+            self.scored.wait(timeout=0.05)
 
     def maybe_sample_system(self) -> None:
-        if time.time() - self.last_system >= 2.0:
-            self.last_system = time.time()
+        now = time.time()
+        if now - self.last_system >= 2.0:
+            self.last_system = now
             self.engine.events.emit("system", None, **self.engine.system_sample())
+        if now - self.last_disk_retry >= DISK_RETRY_S:
+            self.last_disk_retry = now
+            self.retry_disk_paused()
 
     # -- state changes ----------------------------------------------------------------
-    def set_state(self, tenant: Tenant, state: State, reason: str = "", error: str = "") -> None:
+    def set_state(self, tenant: Tenant, state: State, reason: str = "", error: str = "") -> bool:
+        """Apply a legal state change (recorded, then reported); refuse an illegal one."""
+        if state != tenant.state and state not in TRANSITIONS[tenant.state]:
+            self.engine.log(f"{tenant.id}: refused state change {tenant.state.value} -> {state.value} ({reason})",
+                            tenant.id, level="warning")
+            return False
         tenant.state, tenant.reason = state, reason
         if error:
             tenant.error = error
@@ -79,17 +152,29 @@ class Scheduler:
         self.engine.store.update_experiment(tenant.id, **fields)
         self.engine.events.emit("state", tenant.id, state=state.value, reason=reason, error=tenant.error,
                                 step=tenant.step)
+        return True
+
+    def drop_work(self, tenant: Tenant) -> None:
+        """Abandon the tenant's steps in flight (their sampling rows leave the batch)."""
+        for table in (self.work, self.prefetch):
+            work = table.pop(tenant.id, None)
+            if work is not None:
+                self.backend.cancel(work.tag)
 
     def release(self, tenant: Tenant) -> None:
         """Free the adapter in the sampler and in the trainer (memory goes back)."""
+        self.drop_work(tenant)
+        tenant.close()
         for free in (self.backend.remove_adapter, self.trainer.remove_adapter):
             try:
                 free(tenant.adapter)
             except Exception as exc:  # noqa: BLE001
                 self.engine.log(f"{tenant.id}: freeing adapter: {exc}", tenant.id, level="warning")
 
-    def fail(self, tenant: Tenant, exc: BaseException, where: str) -> None:
-        message = f"{where}: {type(exc).__name__}: {exc}"
+    def fail(self, tenant: Tenant, exc: BaseException | str, where: str) -> None:
+        if tenant.state in FINAL_STATES:
+            return  # killed or done meanwhile: a late error changes nothing
+        message = f"{where}: {exc}" if isinstance(exc, str) else f"{where}: {type(exc).__name__}: {exc}"
         self.engine.log(f"{tenant.id} failed in {message}", tenant.id, level="error")
         self.release(tenant)
         self.set_state(tenant, State.FAILED, reason=f"failed in {where}", error=message)
@@ -109,18 +194,22 @@ class Scheduler:
                 self.set_state(tenant, State.KILLED, reason="killed by request")
                 engine.log(f"{tenant.id} killed at step {tenant.step}", tenant.id)
             elif op == "pause" and tenant.state != State.PAUSED:
+                self.drop_work(tenant)  # the step is redone on resume, with the same data
                 tenant.paused_from = tenant.state
                 tenant.set_phase("paused")
                 self.set_state(tenant, State.PAUSED, reason="paused by request")
             elif op == "resume" and tenant.state == State.PAUSED:
-                has_adapter = tenant.adapter in self.trainer.optimizers
-                if has_adapter and self.in_flight() < self.backend.slots:
-                    tenant.ready_since = time.time()
-                    tenant.set_phase("ready")
-                    self.set_state(tenant, State.RUNNING, reason="")
-                else:
-                    tenant.set_phase("queued")
-                    self.set_state(tenant, State.QUEUED, reason="waiting for an adapter slot")
+                self.resume(tenant)
+
+    def resume(self, tenant: Tenant) -> None:
+        has_adapter = tenant.adapter in self.trainer.optimizers
+        if has_adapter and self.in_flight() < self.backend.slots:
+            tenant.ready_since = time.time()
+            tenant.set_phase("ready")
+            self.set_state(tenant, State.RUNNING, reason="")
+        else:
+            tenant.set_phase("queued")
+            self.set_state(tenant, State.QUEUED, reason="waiting for an adapter slot")
 
     def in_flight(self) -> int:
         return sum(1 for t in self.engine.tenants.values() if t.state in (State.WARMING, State.RUNNING))
@@ -162,157 +251,180 @@ class Scheduler:
         tenant.set_phase("ready")
         self.set_state(tenant, State.RUNNING, reason="")
 
-    # -- one loop of every running tenant ---------------------------------------------------
+    # -- the pipeline -------------------------------------------------------------------
     def phase(self, tenant: Tenant, name: str) -> None:
         tenant.set_phase(name)
         self.engine.events.emit("phase", tenant.id, phase=name, step=tenant.step + 1)
 
-    def step_all(self, tenants: list[Tenant]) -> None:
-        plans, requests = {}, []
+    def start_step(self, tenant: Tenant, prefetch: bool = False) -> None:
+        """Plan the tenant's next step (a due eval, its training prompts) and submit its rows.
+        `prefetch`: the step after the one in flight, sampled with the current weights."""
         now = time.time()
-        for tenant in tenants:
-            if tenant.first_step is None:
-                tenant.first_step = now
-                tenant.warmup_s = round(now - (tenant.started or now), 3)
-                self.engine.store.update_experiment(tenant.id, first_step=now, warmup_s=tenant.warmup_s)
-            self.phase(tenant, "rollout")
-            plan = {"eval": None, "train": None, "problems": []}
-            if tenant.eval_due():
+        if tenant.first_step is None:
+            tenant.first_step = now
+            tenant.warmup_s = round(now - (tenant.started or now), 3)
+            self.engine.store.update_experiment(tenant.id, first_step=now, warmup_s=tenant.warmup_s)
+        step = tenant.step + (1 if prefetch else 0)
+        plan = {"eval": None, "train": None, "problems": []}
+        requests = []
+        try:
+            if not prefetch and tenant.eval_due():
                 reqs = tenant.eval_requests(self.tokenizer)
-                plan["eval"] = (len(requests), len(requests) + len(reqs))
+                plan["eval"] = (0, len(reqs))
                 requests += reqs
-            if tenant.step < tenant.spec.steps:
-                problems = tenant.problems()
-                reqs = tenant.sample_requests(self.tokenizer, problems)
+            if step < tenant.spec.steps:
+                problems = tenant.problems(step)
+                reqs = tenant.sample_requests(self.tokenizer, problems, step)
                 plan["train"] = (len(requests), len(requests) + len(reqs))
                 plan["problems"] = problems
                 requests += reqs
-            plans[tenant.id] = plan
-        rollout_start = time.time()
-        results = self.generate_isolated(tenants, requests, plans)
-        rollout_s = time.time() - rollout_start
-
-        self.apply_commands()  # a phase boundary
-        prepared = {}
-        for tenant in tenants:
-            if tenant.state != State.RUNNING or tenant.id not in results:
-                continue
-            try:
-                work = self.prepare(tenant, plans[tenant.id], results[tenant.id])
-            except Exception as exc:  # noqa: BLE001 - one tenant's failure is only its own
-                self.fail(tenant, exc, tenant.phase)
-                continue
-            if work is not None:
-                prepared[tenant.id] = work
-        self.apply_commands()
-        prepared = {tid: w for tid, w in prepared.items() if self.engine.tenants[tid].state == State.RUNNING}
-        # Between a tenant's update and its record no command is applied: an update is
-        # always synced, counted and recorded, or the tenant fails.
-        if self.fused and len(prepared) > 1:
-            for tid in prepared:
-                self.phase(self.engine.tenants[tid], "train")
-            t0 = time.time()
-            work = {tid: (w["batch"], self.engine.tenants[tid].spec.grpo, self.engine.tenants[tid].spec.rollout.max_tokens)
-                    for tid, w in prepared.items()}
-            try:
-                outcomes = self.trainer.train_fused(work)
-            except Exception:  # noqa: BLE001 - isolate the culprit: train one at a time
-                outcomes = {}
-                for tid, item in work.items():
-                    try:
-                        outcomes[tid] = self.trainer.train_step(tid, *item)
-                    except Exception as exc:  # noqa: BLE001
-                        outcomes[tid] = exc
-            train_s = time.time() - t0
-            for tid, work in prepared.items():
-                self.publish_or_fail(self.engine.tenants[tid], work, outcomes[tid], train_s, rollout_start, rollout_s)
-        else:
-            for tid, work in prepared.items():
-                tenant = self.engine.tenants[tid]
-                self.phase(tenant, "train")
-                t0 = time.time()
-                try:
-                    outcome = self.trainer.train_step(tid, work["batch"], tenant.spec.grpo, tenant.spec.rollout.max_tokens)
-                except Exception as exc:  # noqa: BLE001
-                    outcome = exc
-                self.publish_or_fail(tenant, work, outcome, time.time() - t0, rollout_start, rollout_s)
-                self.apply_commands()
-        self.apply_commands()
-
-    def generate_isolated(self, tenants, requests, plans) -> dict:
-        """One shared batch; if it fails, retry per tenant so only the culprit fails."""
+        except Exception as exc:  # noqa: BLE001 - bad task arguments fail this tenant only
+            self.fail(tenant, exc, "rollout")
+            return
+        if not requests:
+            if not prefetch:
+                self.complete(tenant)
+            return
+        if not prefetch:
+            self.phase(tenant, "rollout")
+        tag = f"{tenant.id}#{next(self.tags)}"
+        table = self.prefetch if prefetch else self.work
+        table[tenant.id] = StepWork(tag=tag, plan=plan, rollout_start=now, train_clock_start=self.train_clock,
+                                    step=step, stale=1 if prefetch else 0)
         try:
-            flat = self.backend.generate(requests)
-            return {t.id: flat for t in tenants}
-        except Exception:  # noqa: BLE001
-            pass
-        results = {}
-        for tenant in tenants:
-            plan = plans[tenant.id]
-            spans = [s for s in (plan["eval"], plan["train"]) if s]
-            own = [r for lo, hi in spans for r in requests[lo:hi]]
-            try:
-                out = self.backend.generate(own)
-            except Exception as exc:  # noqa: BLE001
-                self.fail(tenant, exc, "rollout")
-                continue
-            flat: list = [None] * len(requests)
-            pos = 0
-            for lo, hi in spans:
-                flat[lo:hi] = out[pos : pos + hi - lo]
-                pos += hi - lo
-            results[tenant.id] = flat
-        return results
+            self.backend.submit(tag, requests)
+        except Exception as exc:  # noqa: BLE001
+            table.pop(tenant.id, None)
+            self.fail(tenant, exc, "rollout")
+
+    def maybe_prefetch(self, tenant: Tenant, work: StepWork) -> None:
+        """Off-policy mode: once a step's samples are in, sample the next step at once
+        (unless that step starts with an eval, which must see the updated weights)."""
+        nxt = work.step + 1
+        if (tenant.spec.rollout.off_policy_steps < 1 or tenant.id in self.prefetch or nxt >= tenant.spec.steps
+                or tenant.eval_due_at(nxt)):
+            return
+        self.start_step(tenant, prefetch=True)
+
+    def _work_for(self, tag: str) -> tuple[Tenant, StepWork] | None:
+        tenant = self.engine.tenants.get(tag.split("#")[0])
+        if tenant is None or tenant.state != State.RUNNING:
+            return None
+        for table in (self.work, self.prefetch):
+            work = table.get(tenant.id)
+            if work is not None and work.tag == tag:
+                return tenant, work
+        return None
+
+    def rollout_done(self, tag: str, result) -> None:
+        found = self._work_for(tag)
+        if found is None:
+            return  # cancelled meanwhile
+        tenant, work = found
+        if isinstance(result, BaseException):
+            self.fail(tenant, result, "rollout")
+            return
+        # Time this thread spent training others while these rows waited is queue, not rollout.
+        wall = time.time() - work.rollout_start
+        work.rollout_s = max(0.0, wall - (self.train_clock - work.train_clock_start))
+        if self.work.get(tenant.id) is work:
+            self.phase(tenant, "reward")
+        work.future = self.pool.submit(self.score, tenant, work.plan, result)
+        work.future.add_done_callback(lambda _f: self.scored.set())
+        if self.work.get(tenant.id) is work:
+            self.maybe_prefetch(tenant, work)
 
     def decode(self, completion) -> str:
         ids = completion.token_ids
-        eos = self.tokenizer.eos_token_id
-        if eos in ids:  # with ignore_eos the sampler runs on; the answer ends at the first stop
-            ids = ids[: ids.index(eos)]
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        stops = self.stop_ids
+        cut = next((i for i, t in enumerate(ids) if t in stops), len(ids))
+        return self.tokenizer.decode(ids[:cut], skip_special_tokens=True)
 
-    def prepare(self, tenant: Tenant, plan: dict, flat: list) -> dict | None:
-        """Record a due eval, score the rollouts, build the train batch (None: nothing to train)."""
-        engine = self.engine
+    @property
+    def stop_ids(self) -> set[int]:
+        return {self.tokenizer.eos_token_id}
+
+    def score(self, tenant: Tenant, plan: dict, flat: list) -> dict:
+        """In a pool thread: eval accuracy, rewards, the train batch. Pure of engine state."""
+        out = {"eval_accuracy": None, "batch": None}
         if plan["eval"]:
             lo, hi = plan["eval"]
-            accuracy = tenant.eval_accuracy([self.decode(group[0]) for group in flat[lo:hi]])
-            with engine.events.lock:
-                engine.store.record_eval(tenant.id, tenant.step, accuracy)
-                engine.events.emit("eval", tenant.id, step=tenant.step, accuracy=accuracy)
-            tenant.last_eval_step = tenant.step
+            out["eval_accuracy"] = tenant.eval_accuracy([self.decode(group[0]) for group in flat[lo:hi]])
         if not plan["train"]:
-            self.complete(tenant)
-            return None
+            return out
         lo, hi = plan["train"]
         completions = flat[lo:hi]
         rollouts = Rollouts(plan["problems"], completions, [[self.decode(c) for c in g] for g in completions])
-        self.phase(tenant, "reward")
         t0 = time.time()
         rewards, correct = tenant.score(rollouts)
-        reward_s = time.time() - t0
+        out["reward_s"] = time.time() - t0
         batch, sampler_lp = tenant.train_batch(self.tokenizer, rollouts, rewards)
         has_lp = all(len(c.logprobs) == len(c.token_ids) for g in completions for c in g)
-        return {"rewards": rewards, "correct": correct, "batch": batch, "sampler_lp": sampler_lp if has_lp else None,
-                "reward_s": reward_s}
+        out.update(rewards=rewards, correct=correct, batch=batch, sampler_lp=sampler_lp if has_lp else None)
+        return out
 
-    def publish_or_fail(self, tenant: Tenant, work: dict, outcome, train_s: float, rollout_start: float,
-                        rollout_s: float) -> None:
-        if isinstance(outcome, BaseException):
-            self.fail(tenant, outcome, "train")
+    def collect_scored(self) -> list[Tenant]:
+        """Tenants whose scoring finished: record evals; return those with an update to train."""
+        ready = []
+        for tenant_id, work in list(self.work.items()):
+            if work.future is None or not work.future.done() or work.extra:
+                continue
+            tenant = self.engine.tenants[tenant_id]
+            try:
+                out = work.future.result()
+            except Exception as exc:  # noqa: BLE001
+                self.fail(tenant, exc, "reward")
+                continue
+            work.scored_at = time.time()
+            if out["eval_accuracy"] is not None:
+                with self.engine.events.lock:
+                    self.engine.store.record_eval(tenant.id, tenant.step, out["eval_accuracy"])
+                    self.engine.events.emit("eval", tenant.id, step=tenant.step, accuracy=out["eval_accuracy"])
+                tenant.last_eval_step = tenant.step
+            if out["batch"] is None:
+                self.work.pop(tenant_id, None)
+                self.complete(tenant)
+                continue
+            work.extra = out
+            ready.append(tenant)
+        return ready
+
+    def train(self, tenants: list[Tenant]) -> None:
+        """Train every ready tenant (fused where enabled), then sync, record and release them.
+        Between a tenant's update and its record no command is applied: an update is
+        always synced, counted and recorded, or the tenant fails."""
+        if not tenants:
             return
-        try:
-            self.publish(tenant, work, outcome, train_s, rollout_start, rollout_s)
-        except Exception as exc:  # noqa: BLE001
-            self.fail(tenant, exc, tenant.phase)
+        for tenant in tenants:
+            self.phase(tenant, "train")
+        for t in tenants:
+            step_work = self.work[t.id]
+            if step_work.stale and step_work.extra["sampler_lp"] is not None:
+                step_work.extra["batch"].behavior_logprobs = step_work.extra["sampler_lp"]
+        work = {t.id: (self.work[t.id].extra["batch"], t.spec.grpo, t.spec.rollout.max_tokens) for t in tenants}
+        t0 = time.time()
+        outcomes = self.trainer.train(work, fused=self.fused)
+        train_s = time.time() - t0
+        self.train_clock += train_s
+        for tenant in tenants:
+            step_work = self.work.pop(tenant.id)
+            outcome = outcomes[tenant.id]
+            if isinstance(outcome, BaseException):
+                self.fail(tenant, outcome, "train")
+                continue
+            try:
+                self.publish(tenant, step_work, outcome, train_s)
+            except Exception as exc:  # noqa: BLE001
+                self.fail(tenant, exc, tenant.phase)
 
-    def publish(self, tenant: Tenant, work: dict, stats, train_s: float, rollout_start: float, rollout_s: float) -> None:
+    def publish(self, tenant: Tenant, work: StepWork, stats, train_s: float) -> None:
         """sync -> count -> checkpoint -> record -> report, for one trained tenant."""
         engine = self.engine
-        mask = work["batch"].completion_mask
+        out = work.extra
+        mask = out["batch"].completion_mask
         diff = None
-        if work["sampler_lp"] is not None:
-            diff = float(((stats.trainer_logprobs.cpu() - work["sampler_lp"]).abs() * mask).sum() / mask.sum().clamp(min=1))
+        if out["sampler_lp"] is not None:
+            diff = float(((stats.trainer_logprobs.cpu() - out["sampler_lp"]).abs() * mask).sum() / mask.sum().clamp(min=1))
 
         self.phase(tenant, "sync")
         t0 = time.time()
@@ -320,13 +432,13 @@ class Scheduler:
         sync_s = time.time() - t0
 
         tenant.step += 1
-        checkpoint_s = 0.0
+        checkpoint_s, checkpoint_error = 0.0, None
         if tenant.step % tenant.spec.checkpoint_every == 0 or tenant.step >= tenant.spec.steps:
             self.phase(tenant, "checkpoint")
-            checkpoint_s = self.checkpoint(tenant)
+            checkpoint_s, checkpoint_error = self.checkpoint(tenant)
         end = time.time()
-        ready = tenant.ready_since or rollout_start
-        rewards, correct = work["rewards"], work["correct"]
+        ready = tenant.ready_since or work.rollout_start
+        rewards, correct = out["rewards"], out["correct"]
         row = {
             "tenant": tenant.id, "step": tenant.step, "time": end,
             "reward_mean": statistics.fmean(rewards), "reward_std": statistics.pstdev(rewards),
@@ -334,12 +446,12 @@ class Scheduler:
             "accuracy": sum(correct) / len(correct), "loss": stats.loss, "kl": stats.kl,
             "grad_norm": stats.grad_norm, "entropy": stats.entropy, "clip_fraction": stats.clip_fraction,
             "logprob_diff": diff, "completion_tokens": int(mask.sum().item()),
-            "rollout_s": rollout_s, "reward_s": work["reward_s"], "train_s": train_s, "sync_s": sync_s,
-            "checkpoint_s": checkpoint_s, "total_s": end - ready,
+            "rollout_s": work.rollout_s, "reward_s": out["reward_s"], "train_s": train_s, "sync_s": sync_s,
+            "checkpoint_s": checkpoint_s, "total_s": end - ready, "staleness": work.stale,
         }
         # Queue wait: everything in the step that was not this tenant's own work -- waiting
-        # for the shared batch to start and for other tenants' reward/train/sync turns.
-        own = rollout_s + work["reward_s"] + train_s + sync_s + checkpoint_s
+        # for the batch, for a scoring thread, and for other tenants' training.
+        own = work.rollout_s + out["reward_s"] + train_s + sync_s + checkpoint_s
         row["queue_s"] = max(0.0, row["total_s"] - own)
         self.phase(tenant, "record")
         with engine.events.lock:  # recorded before it is reported, atomically for snapshots
@@ -347,7 +459,11 @@ class Scheduler:
             engine.events.emit("step", tenant.id, **{k: v for k, v in row.items() if k != "tenant"})
         tenant.ready_since = end
         tenant.set_phase("ready")
-        if tenant.step >= tenant.spec.steps and not tenant.eval_due():
+        if tenant.id in self.prefetch:  # off-policy: the next step is already sampling
+            self.work[tenant.id] = self.prefetch.pop(tenant.id)
+        if checkpoint_error is not None:
+            self.pause_for_disk(tenant, checkpoint_error)
+        elif tenant.step >= tenant.spec.steps and not tenant.eval_due():
             self.complete(tenant)
 
     def complete(self, tenant: Tenant) -> None:
@@ -355,7 +471,9 @@ class Scheduler:
         self.release(tenant)
         self.set_state(tenant, State.DONE, reason="finished")
 
-    def checkpoint(self, tenant: Tenant) -> float:
+    # -- checkpoints and a full disk ---------------------------------------------------------
+    def checkpoint(self, tenant: Tenant) -> tuple[float, CheckpointError | None]:
+        """Write a checkpoint; on failure the previous one stays and the error is returned."""
         t0 = time.time()
         root = self.engine.checkpoint_root
         try:
@@ -363,16 +481,45 @@ class Scheduler:
                                    "last_eval_step": tenant.last_eval_step})
         except CheckpointError as exc:
             self.engine.log(f"{exc}; keeping the previous checkpoint", tenant.id, level="error")
-            return time.time() - t0
+            return time.time() - t0, exc
+        tenant.checkpoint_owed = False
         self.engine.store.add_checkpoint(tenant.id, tenant.step, str(path), dir_bytes(path))
         for step in prune_checkpoints(root, tenant.id):
             self.engine.store.drop_checkpoint(tenant.id, step)
-        return time.time() - t0
+        return time.time() - t0, None
 
-    def checkpoint_all(self) -> None:
-        """At shutdown: a checkpoint of every tenant that holds an adapter, at its current step."""
+    def pause_for_disk(self, tenant: Tenant, error: CheckpointError) -> None:
+        """Keep the adapter in memory, pause, and retry the checkpoint until space returns."""
+        free = shutil.disk_usage(self.engine.checkpoint_root).free if self.engine.checkpoint_root.exists() else 0
+        tenant.checkpoint_owed = True
+        tenant.paused_from = State.RUNNING
+        tenant.set_phase("paused")
+        self.set_state(tenant, State.PAUSED, reason=f"disk full: checkpoint of step {tenant.step} failed "
+                       f"({free / 2**20:.0f} MiB free); resumes by itself when space returns")
+
+    def retry_disk_paused(self) -> None:
+        for tenant in list(self.engine.tenants.values()):
+            if tenant.state != State.PAUSED or not getattr(tenant, "checkpoint_owed", False):
+                continue
+            if tenant.adapter not in self.trainer.optimizers:
+                continue
+            _, error = self.checkpoint(tenant)
+            if error is None:
+                self.engine.log(f"{tenant.id}: checkpoint of step {tenant.step} written; resuming", tenant.id)
+                if tenant.step >= tenant.spec.steps and not tenant.eval_due():
+                    self.set_state(tenant, State.RUNNING, reason="")
+                    self.complete(tenant)
+                else:
+                    self.resume(tenant)
+
+    def checkpoint_all(self) -> int:
+        """At shutdown: a checkpoint of every tenant that holds an adapter, at its current
+        step. Returns how many were written."""
+        written = 0
         for tenant in list(self.engine.tenants.values()):
             if tenant.state not in FINAL_STATES and tenant.adapter in self.trainer.optimizers and tenant.step > 0:
                 existing = {c["step"] for c in self.engine.store.checkpoints(tenant.id)}
                 if tenant.step not in existing:
-                    self.checkpoint(tenant)
+                    _, error = self.checkpoint(tenant)
+                    written += error is None
+        return written

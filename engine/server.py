@@ -6,13 +6,20 @@ answered in order; `subscribe` turns the connection into an event stream as well
 (snapshot at sequence S, then every event with seq > S, nothing twice, nothing missing).
 
 A client can do nothing to the engine but send requests: malformed or oversized lines,
-unknown ops, wrong types, silence and half-sent messages only cost that client its
-connection. Reads are bounded (protocol.MAX_LINE), the hello has a deadline.
+unknown ops, wrong types, deep nesting, silence and half-sent messages only cost that client
+its connection. Reads are bounded (protocol.MAX_HELLO_LINE before the token is proven,
+protocol.MAX_LINE after), the hello has one total deadline (not one per read), and at most
+MAX_CONNECTIONS clients are served at once (the next is told so and closed).
+
+`start`/`clone` with an `idempotency_key` already answered get the first answer again: a
+client retrying after a timeout never creates a duplicate.
 """
 
 from __future__ import annotations
 
+import collections
 import hmac
+import json
 import os
 import secrets
 import socket
@@ -27,6 +34,9 @@ from engine import protocol
 from engine.core import Engine, EngineError
 
 HELLO_TIMEOUT_S = float(os.environ.get("CLORA_HELLO_TIMEOUT_S", "10"))
+MAX_CONNECTIONS = int(os.environ.get("CLORA_MAX_CONNECTIONS", "64"))
+IDEMPOTENCY_KEYS = 1024  # answers remembered (the newest)
+IDEMPOTENCY_WAIT_S = 120.0  # a retry waits this long for the first request with its key to finish
 READY_WAIT_S = 50.0  # how long a request that needs the model waits for the warm-up
 SNAPSHOT_LOG_LINES = 200
 NEEDS_MODEL = {"start", "clone", "pause", "resume", "kill", "export"}
@@ -55,10 +65,12 @@ class Connection:
     def __init__(self, server: "EngineServer", sock: socket.socket):
         self.server = server
         self.sock = sock
-        self.reader = sock.makefile("rb")
+        self.buffer = bytearray()  # a partial line; never more than the line limit + 1 bytes
+        self.scanned = 0  # bytes of the buffer known to hold no newline
         self.write_lock = threading.Lock()
         self.closed = threading.Event()
         self.subscription = None
+        self.asked_to_stop = False  # sent `shutdown`: gets the final "engine stopped" event
 
     # -- plumbing --------------------------------------------------------------------
     def send(self, message: dict) -> bool:
@@ -79,22 +91,37 @@ class Connection:
         self.closed.set()
         if self.subscription is not None:
             self.server.engine.events.unsubscribe(self.subscription)
-        for action in (lambda: self.sock.shutdown(socket.SHUT_RDWR), self.reader.close, self.sock.close):
+        for action in (lambda: self.sock.shutdown(socket.SHUT_RDWR), self.sock.close):
             try:
                 action()
             except OSError:
                 pass
 
-    def read_line(self) -> bytes | None:
-        """One line, at most MAX_LINE bytes; None at end of stream (or a half-sent message)."""
-        line = self.reader.readline(protocol.MAX_LINE + 1)
-        if not line:
-            return None
-        if not line.endswith(b"\n"):
-            if len(line) > protocol.MAX_LINE:
-                raise protocol.ProtocolError("too_large", f"message over {protocol.MAX_LINE} bytes")
-            return None  # the client went away mid-message
-        return line
+    def read_line(self, limit: int = protocol.MAX_LINE, deadline: float | None = None) -> bytes | None:
+        """One line of at most `limit` bytes; None at end of stream (or a half-sent message).
+        Raises ProtocolError(too_large) as soon as more than `limit` bytes arrive without a newline
+        (nothing more is buffered), socket.timeout when the monotonic `deadline` passes."""
+        while True:
+            newline = self.buffer.find(b"\n", self.scanned)
+            if newline >= 0:
+                line = bytes(self.buffer[: newline + 1])
+                del self.buffer[: newline + 1]
+                self.scanned = 0
+                if newline > limit:
+                    raise protocol.ProtocolError("too_large", f"message over {limit} bytes")
+                return line
+            self.scanned = len(self.buffer)
+            if len(self.buffer) > limit:
+                raise protocol.ProtocolError("too_large", f"message over {limit} bytes")
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise socket.timeout("deadline passed")
+                self.sock.settimeout(remaining)
+            chunk = self.sock.recv(min(1 << 16, limit + 1 - len(self.buffer)))
+            if not chunk:
+                return None  # end of stream; a partial line means the client went away mid-message
+            self.buffer += chunk
 
     # -- the loop ----------------------------------------------------------------------
     def run(self) -> None:
@@ -111,9 +138,10 @@ class Connection:
             self.server.forget(self)
 
     def handshake(self) -> bool:
-        self.sock.settimeout(self.server.hello_timeout)
+        # One deadline for the whole hello: a client trickling a byte now and then gains nothing.
+        deadline = time.monotonic() + self.server.hello_timeout
         try:
-            line = self.read_line()
+            line = self.read_line(protocol.MAX_HELLO_LINE, deadline)
         except socket.timeout:
             self.send(protocol.error(None, "unauthorized", f"no hello within {self.server.hello_timeout:g} s"))
             return False
@@ -123,10 +151,10 @@ class Connection:
         if line is None:
             return False
         try:
-            req_id, op, args = protocol.parse_request(line)
+            req_id, op, args = protocol.parse_request(line, protocol.MAX_HELLO_LINE)
         except protocol.ProtocolError:
             req_id, op, args = None, None, {}
-        if op != "hello" or not hmac.compare_digest(args.get("token", "").encode(), self.server.token.encode()):
+        if op != "hello" or not self.server.token_ok(args):
             self.send(protocol.error(req_id, "unauthorized",
                                      "unauthorized: the first message must be hello with the token in CLORA_HOME/token"))
             return False
@@ -153,9 +181,12 @@ class Connection:
             if op == "subscribe":
                 self.subscribe(req_id)
                 continue
-            self.send(self.server.handle(req_id, op, args))
-            if op == "shutdown":
+            if op == "hello" and not self.server.token_ok(args):
+                self.send(protocol.error(req_id, "unauthorized", "unauthorized: wrong token in hello"))
                 return
+            if op == "shutdown":
+                self.asked_to_stop = True
+            self.send(self.server.handle(req_id, op, args))
 
     # -- the event stream --------------------------------------------------------------
     def subscribe(self, req_id: Any) -> None:
@@ -205,13 +236,16 @@ class EngineServer:
     """Listens on CLORA_HOME/engine.sock and serves one Engine to many clients."""
 
     def __init__(self, engine: Engine, home: Path, on_shutdown: Callable[[], None] | None = None,
-                 hello_timeout: float = HELLO_TIMEOUT_S):
+                 hello_timeout: float = HELLO_TIMEOUT_S, max_connections: int = MAX_CONNECTIONS):
         self.engine = engine
         self.home = Path(home)
         self.path = protocol.socket_path(self.home)
         self.token = ensure_token(self.home)
         self.on_shutdown = on_shutdown or (lambda: None)
         self.hello_timeout = hello_timeout
+        self.max_connections = max_connections
+        self.answers: collections.OrderedDict[str, dict] = collections.OrderedDict()  # idempotency key ->
+        self.answers_lock = threading.Lock()
         self.ready = threading.Event()  # set once the model is loaded and the scheduler runs
         self.failed: str | None = None
         self.connections: set[Connection] = set()
@@ -247,12 +281,43 @@ class EngineServer:
                 continue
             conn = Connection(self, client)
             with self.conn_lock:
-                self.connections.add(conn)
+                full = len(self.connections) >= self.max_connections
+                if not full:
+                    self.connections.add(conn)
+            if full:
+                self.refuse(client)
+                continue
             threading.Thread(target=conn.run, name="clora-conn", daemon=True).start()
+
+    def refuse(self, client: socket.socket) -> None:
+        """Over the connection cap: say so and close (never blocks the accept loop for long)."""
+        try:
+            client.settimeout(1.0)
+            client.sendall(protocol.encode(protocol.error(
+                None, "refused", f"too many connections to the engine ({self.max_connections}); "
+                "close idle clients (other clora-tui apps, `logs -f`) and try again")))
+        except OSError:
+            pass
+        finally:
+            client.close()
 
     def forget(self, conn: Connection) -> None:
         with self.conn_lock:
             self.connections.discard(conn)
+
+    def token_ok(self, args: dict) -> bool:
+        token = args.get("token")
+        return isinstance(token, str) and hmac.compare_digest(token.encode(), self.token.encode())
+
+    def announce_stopped(self, event: dict | None) -> None:
+        """Tell each client that asked for the shutdown (and does not follow the stream, which
+        carries it anyway) how it went: the engine's last event. Call before close()."""
+        if event is None:
+            return
+        with self.conn_lock:
+            conns = [c for c in self.connections if c.asked_to_stop and c.subscription is None]
+        for conn in conns:
+            conn.send(protocol.event(event))
 
     def close(self) -> None:
         """Stop accepting, drop every client, remove the socket file."""
@@ -281,6 +346,43 @@ class EngineServer:
                               "try again when `clora-tui engine status` says ready")
 
     def handle(self, req_id: Any, op: str, args: dict) -> dict:
+        key = args.get("idempotency_key") if op in protocol.IDEMPOTENT_OPS else None
+        if key is not None:
+            return self.handle_once(req_id, op, args, key)
+        return self.answer(req_id, op, args)
+
+    def handle_once(self, req_id: Any, op: str, args: dict, key: str) -> dict:
+        """Answer a keyed request once; the same key again gets the first answer (with this id)."""
+        fingerprint = json.dumps([op, {k: v for k, v in args.items() if k != "idempotency_key"}],
+                                 sort_keys=True, default=str)
+        with self.answers_lock:
+            entry = self.answers.get(key)
+            first = entry is None
+            if first:
+                entry = self.answers[key] = {"fingerprint": fingerprint, "done": threading.Event(), "reply": None}
+                while len(self.answers) > IDEMPOTENCY_KEYS:
+                    self.answers.popitem(last=False)
+        if not first:
+            if entry["fingerprint"] != fingerprint:
+                return protocol.error(req_id, "bad_request",
+                                      f"{op}: idempotency_key {key!r} was already used for a different request")
+            if not entry["done"].wait(IDEMPOTENCY_WAIT_S) or entry["reply"] is None:
+                return protocol.error(req_id, "refused", f"{op}: the first request with this idempotency_key "
+                                      "is still being processed; try again")
+            return {**entry["reply"], "id": req_id}
+        reply = None
+        try:
+            reply = self.answer(req_id, op, args)
+            return reply
+        finally:
+            entry["reply"] = reply
+            entry["done"].set()
+            if reply is None or not reply.get("ok"):  # a refusal is not remembered: a retry may succeed
+                with self.answers_lock:
+                    if self.answers.get(key) is entry:
+                        del self.answers[key]
+
+    def answer(self, req_id: Any, op: str, args: dict) -> dict:
         try:
             return protocol.ok(req_id, self.dispatch(op, args))
         except EngineError as exc:
@@ -327,15 +429,35 @@ class EngineServer:
         raise protocol.ProtocolError("unknown_op", f"unknown op {op!r}")
 
     def snapshot_and_follow(self):
-        """Status, every tenant with its history, the recent log, taken at one sequence number."""
-        engine = self.engine
+        """Status, every tenant with its history, the recent log, taken at one sequence number S.
 
-        def build() -> dict:
-            status = {**engine.status(), "ready": self.ready.is_set(), "failed": self.failed}
-            tenants = [engine.get(row["id"]) for row in engine.store.experiments()]
-            return {"status": status, "tenants": tenants,
-                    "log": engine.store.recent_events(("log", "engine"), SNAPSHOT_LOG_LINES)}
+        Only the cut is taken under the locks (live state, the newest step and eval of each
+        tenant, S and the subscription); histories and the log are read afterwards, bounded by
+        the cut (see engine/events.py), so a snapshot never holds up the scheduler."""
+        engine = self.engine
+        system = engine.system_sample()  # transient figures: sampled before the cut, outside the locks
+
+        def cut() -> dict:
+            summaries = engine.list_tenants()
+            status = {**engine.status(system=system, tenants=summaries), "ready": self.ready.is_set(),
+                      "failed": self.failed}
+            return {"status": status, "summaries": summaries, "marks": engine.store.marks()}
 
         # Lock order engine.lock -> events.lock, the same as Engine.submit's.
         with engine.lock:
-            return engine.events.snapshot_then_follow(build)
+            taken, seq, sub = engine.events.snapshot_then_follow(cut)
+        try:
+            marks = taken["marks"]
+            specs = {row["id"]: row["spec"] for row in engine.store.experiments()}
+            tenants = []
+            for summary in taken["summaries"]:
+                tid = summary["id"]
+                tenants.append({**summary, "spec": specs.get(tid),
+                                "history": engine.store.steps(tid, until=marks["steps"].get(tid, 0)),
+                                "evals": engine.store.evals(tid, until=marks["evals"].get(tid, -1)),
+                                "checkpoints": engine.store.checkpoints(tid)})
+            log = engine.store.recent_events(("log", "engine"), SNAPSHOT_LOG_LINES, until=seq)
+        except BaseException:
+            engine.events.unsubscribe(sub)
+            raise
+        return {"status": taken["status"], "tenants": tenants, "log": log}, seq, sub

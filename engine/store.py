@@ -23,20 +23,31 @@ STEP_COLUMNS = {
     "clip_fraction": float, "logprob_diff": float, "completion_tokens": int,
     "queue_s": float, "rollout_s": float, "reward_s": float, "train_s": float, "sync_s": float,
     "checkpoint_s": float, "total_s": float,
+    "staleness": int,  # updates between the weights that sampled and the weights trained (0: on-policy)
 }
+
+
+LOG_KINDS = ("log", "engine")
+KEEP_LOG_EVENTS = 10_000  # the `logs` command and the app's log pane read these
+KEEP_OTHER_EVENTS = 1_000  # step/eval/state events: their data lives in its own tables
+PRUNE_EVERY = 500  # inserts between prunes
 
 
 class Store:
     """All engine records. Safe to call from several threads (one lock, one connection)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, keep_log_events: int = KEEP_LOG_EVENTS,
+                 keep_other_events: int = KEEP_OTHER_EVENTS):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(str(self.path), check_same_thread=False, timeout=30)
         self.db = sqlite_utils.Database(conn)
         self.db.enable_wal()
         self.lock = threading.RLock()
+        self.keep_log_events, self.keep_other_events = keep_log_events, keep_other_events
+        self.events_added = 0
         self._create()
+        self.prune_events()
 
     def _create(self) -> None:
         db = self.db
@@ -49,6 +60,11 @@ class Store:
         if "steps" not in db.table_names():
             db["steps"].create(STEP_COLUMNS, pk=("tenant", "step", "time"))
             db["steps"].create_index(["tenant", "step"])
+        else:  # a home written by an older engine: add the columns it lacks
+            have = db["steps"].columns_dict
+            for name, kind in STEP_COLUMNS.items():
+                if name not in have:
+                    db["steps"].add_column(name, kind)
         if "evals" not in db.table_names():
             db["evals"].create({"tenant": str, "step": int, "time": float, "accuracy": float, "rolled_back": int},
                                pk=("tenant", "step", "time"))
@@ -94,14 +110,30 @@ class Store:
             self.db["evals"].insert({"tenant": tenant_id, "step": step, "time": time.time(),
                                      "accuracy": accuracy, "rolled_back": 0})
 
-    def steps(self, tenant_id: str, since: int = 0) -> list[dict]:
+    def steps(self, tenant_id: str, since: int = 0, until: int | None = None) -> list[dict]:
+        """Visible steps `since < step <= until` (no upper bound if until is None)."""
+        where, args = "tenant = ? and step > ? and rolled_back = 0", [tenant_id, since]
+        if until is not None:
+            where, args = where + " and step <= ?", args + [until]
         with self.lock:
-            return list(self.db["steps"].rows_where("tenant = ? and step > ? and rolled_back = 0",
-                                                    [tenant_id, since], order_by="step"))
+            return list(self.db["steps"].rows_where(where, args, order_by="step"))
 
-    def evals(self, tenant_id: str) -> list[dict]:
+    def evals(self, tenant_id: str, until: int | None = None) -> list[dict]:
+        where, args = "tenant = ? and rolled_back = 0", [tenant_id]
+        if until is not None:
+            where, args = where + " and step <= ?", args + [until]
         with self.lock:
-            return list(self.db["evals"].rows_where("tenant = ? and rolled_back = 0", [tenant_id], order_by="step"))
+            return list(self.db["evals"].rows_where(where, args, order_by="step"))
+
+    def marks(self) -> dict[str, dict[str, int]]:
+        """The newest visible step and eval of every tenant: {"steps": {tenant: step}, "evals": {...}}.
+        Cheap; taken under the event lock, it pins a snapshot to one sequence number."""
+        with self.lock:
+            steps = self.db.execute("select tenant, max(step) from steps where rolled_back = 0 group by tenant")
+            marks = {"steps": dict(steps.fetchall())}
+            evals = self.db.execute("select tenant, max(step) from evals where rolled_back = 0 group by tenant")
+            marks["evals"] = dict(evals.fetchall())
+        return marks
 
     def roll_back_after(self, tenant_id: str, step: int) -> int:
         """Mark steps and evals after `step` as undone; returns how many steps were marked."""
@@ -128,9 +160,28 @@ class Store:
 
     # -- events and meta -----------------------------------------------------------
     def add_event(self, seq: int, kind: str, tenant: str | None, data: dict) -> None:
+        with self.lock:
+            with self.db.conn:
+                self.db["events"].insert({"seq": seq, "time": time.time(), "kind": kind, "tenant": tenant,
+                                          "data": json.dumps(data)})
+            self.events_added += 1
+            if self.events_added % PRUNE_EVERY == 0:
+                self.prune_events()
+
+    def prune_events(self) -> int:
+        """Keep the newest `keep_log_events` log/engine events and `keep_other_events` of the other
+        kinds (the newest event always survives, so sequence numbers go on after a restart)."""
+        marks = ",".join("?" * len(LOG_KINDS))
+        removed = 0
         with self.lock, self.db.conn:
-            self.db["events"].insert({"seq": seq, "time": time.time(), "kind": kind, "tenant": tenant,
-                                      "data": json.dumps(data)})
+            for where, keep in ((f"kind in ({marks})", self.keep_log_events),
+                                (f"kind not in ({marks})", self.keep_other_events)):
+                cut = self.db.execute(f"select seq from events where {where} order by seq desc limit 1 offset ?",
+                                      [*LOG_KINDS, keep]).fetchone()
+                if cut is not None:
+                    removed += self.db.execute(f"delete from events where {where} and seq <= ?",
+                                               [*LOG_KINDS, cut[0]]).rowcount
+        return removed
 
     def last_event_seq(self) -> int:
         with self.lock:
@@ -147,13 +198,16 @@ class Store:
             row["data"] = json.loads(row["data"])
         return rows
 
-    def recent_events(self, kinds: tuple[str, ...] | None = None, limit: int = 200) -> list[dict]:
-        """The newest `limit` persisted events (of these kinds), oldest first."""
+    def recent_events(self, kinds: tuple[str, ...] | None = None, limit: int = 200,
+                      until: int | None = None) -> list[dict]:
+        """The newest `limit` persisted events (of these kinds, with seq <= until), oldest first."""
         with self.lock:
             where, args = "1 = 1", []
             if kinds:
                 where = f"kind in ({','.join('?' * len(kinds))})"
                 args = list(kinds)
+            if until is not None:
+                where, args = where + " and seq <= ?", args + [until]
             rows = list(self.db["events"].rows_where(where, args, order_by="seq desc", limit=limit))
         for row in rows:
             row["data"] = json.loads(row["data"])

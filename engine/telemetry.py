@@ -39,25 +39,49 @@ class GpuProbe:
 
 
 class ProcessProbe:
-    """CPU and RSS of the engine process and its children (vLLM workers)."""
+    """CPU and RSS of the engine process and its children (vLLM workers).
+
+    psutil's cpu_percent(None) is the CPU used since the previous call *on the same Process
+    object*: the objects are kept across samples (a child's first sample reads 0, after that
+    its real share). A pid reused by a new process is told apart by its create time.
+    """
 
     def __init__(self, pid: int | None = None):
         self.proc = psutil.Process(pid or os.getpid())
         self.proc.cpu_percent(None)
+        self.children: dict[int, psutil.Process] = {}
         self.peak_rss = 0
 
-    def sample(self) -> dict:
-        procs = [self.proc]
+    def _children(self) -> list[psutil.Process]:
         try:
-            procs += self.proc.children(recursive=True)
+            found = self.proc.children(recursive=True)
         except psutil.Error:
-            pass
+            found = []
+        kept = {}
+        for child in found:
+            known = self.children.get(child.pid)
+            if known is not None:
+                try:
+                    same = known.create_time() == child.create_time()
+                except psutil.Error:
+                    same = False
+                if same:
+                    child = known
+            kept[child.pid] = child
+        self.children = kept
+        return list(kept.values())
+
+    def sample(self) -> dict:
+        children = self._children()
         cpu = rss = 0.0
-        for p in procs:
+        alive = 0
+        for p in [self.proc, *children]:
             try:
-                cpu += p.cpu_percent(None) if p is self.proc else p.cpu_percent(None)
+                cpu += p.cpu_percent(None)
                 rss += p.memory_info().rss
+                alive += 1
             except psutil.Error:
                 continue
         self.peak_rss = max(self.peak_rss, int(rss))
-        return {"cpu_percent": round(cpu, 1), "rss": int(rss), "peak_rss": self.peak_rss, "processes": len(procs)}
+        return {"cpu_percent": round(cpu, 1), "rss": int(rss), "peak_rss": self.peak_rss, "processes": alive,
+                "children": max(0, alive - 1)}

@@ -20,7 +20,7 @@ from engine.config import ExperimentSpec
 from engine.rollout.base import Completion, SampleRequest
 from engine.tasks import Task, make_task
 from engine.tasks.base import Problem
-from engine.tasks.rewards import RewardFn, load_reward, score_all
+from engine.tasks.reward_worker import RewardWorker
 from engine.train.grpo import group_advantages
 from engine.train.trainer import TrainBatch
 
@@ -81,13 +81,19 @@ class Tenant:
     phase_since: float = field(default_factory=time.time)
     last_eval_step: int = -1
     paused_from: State | None = None
+    checkpoint_owed: bool = False  # a checkpoint failed (disk full): retried until it is written
     task: Task | None = None
-    reward_fn: RewardFn | None = None
+    reward: RewardWorker | None = None  # user reward code, in its own process
 
     def load_task(self) -> None:
-        """Build the task and import the reward; raises TaskError with a clear message."""
+        """Build the task; a user reward gets a worker process (started on first use)."""
         self.task = make_task(self.spec.task, self.spec.task_args)
-        self.reward_fn = load_reward(self.spec.reward) if self.spec.reward else None
+        self.reward = RewardWorker(self.spec.reward) if self.spec.reward else None
+
+    def close(self) -> None:
+        """Stop the reward worker (the tenant left the engine or failed)."""
+        if self.reward is not None:
+            self.reward.close()
 
     @property
     def adapter(self) -> str:
@@ -97,25 +103,33 @@ class Tenant:
         self.phase, self.phase_since = phase, time.time()
 
     # -- step pieces ----------------------------------------------------------------
-    def problems(self) -> list[Problem]:
+    def problems(self, step: int | None = None) -> list[Problem]:
+        """The training prompts of a step (default: the next one to be trained, `self.step`)."""
+        step = self.step if step is None else step
         per = self.spec.rollout.prompts_per_step
-        return [self.task.problem(self.spec.seed, self.step * per + i) for i in range(per)]
+        return [self.task.problem(self.spec.seed, step * per + i) for i in range(per)]
 
-    def sample_requests(self, tokenizer, problems: list[Problem]) -> list[SampleRequest]:
+    def sample_requests(self, tokenizer, problems: list[Problem], step: int | None = None) -> list[SampleRequest]:
+        step = self.step if step is None else step
         ro = self.spec.rollout
         return [SampleRequest(adapter=self.adapter, prompt_ids=tokenizer.encode(p.prompt, add_special_tokens=False),
                               n=ro.num_generations, max_tokens=ro.max_tokens, temperature=ro.temperature,
-                              top_p=ro.top_p, seed=derived_seed(self.spec.seed, self.step, i),
-                              ignore_eos=ro.ignore_eos)
+                              top_p=ro.top_p, seed=derived_seed(self.spec.seed, step, i),
+                              ignore_eos=ro.ignore_eos, priority=self.spec.priority)
                 for i, p in enumerate(problems)]
 
     def eval_due(self) -> bool:
+        return self.last_eval_step < self.step and self.eval_due_at(self.step)
+
+    def eval_due_at(self, step: int) -> bool:
+        """An eval is scheduled before training step `step` (and after the last one)."""
         every = self.spec.eval_every
-        return every > 0 and self.last_eval_step < self.step and (self.step % every == 0 or self.step >= self.spec.steps)
+        return every > 0 and (step % every == 0 or step >= self.spec.steps)
 
     def eval_requests(self, tokenizer) -> list[SampleRequest]:
         return [SampleRequest(adapter=self.adapter, prompt_ids=tokenizer.encode(p.prompt, add_special_tokens=False),
-                              n=1, max_tokens=self.spec.rollout.max_tokens, greedy=True, seed=0)
+                              n=1, max_tokens=self.spec.rollout.max_tokens, greedy=True, seed=0,
+                              priority=self.spec.priority)
                 for p in self.task.eval_set()]
 
     def eval_accuracy(self, texts: list[str]) -> float:
@@ -126,9 +140,9 @@ class Tenant:
         """Rewards and correctness, row-major (problem after problem, samples inside)."""
         items = [(p.prompt, text, p.answer) for p, texts in zip(rollouts.problems, rollouts.texts) for text in texts]
         correct = [self.task.is_correct(c, a) for _, c, a in items]
-        if self.reward_fn is None:
+        if self.reward is None:
             return [1.0 if ok else 0.0 for ok in correct], correct
-        return score_all(self.reward_fn, items, self.spec.reward_timeout_s), correct
+        return self.reward.score(items, self.spec.reward_timeout_s), correct
 
     def train_batch(self, tokenizer, rollouts: Rollouts, rewards: list[float]) -> tuple[TrainBatch, torch.Tensor]:
         """Left-padded prompts + right-padded completions, and the sampler's log-probs."""

@@ -25,7 +25,7 @@ MAX_LORA_RANK = 16
 def pick_model() -> Path:
     path = Path(model_dir())
     if not (path / "config.json").is_file():
-        pytest.skip("no embedded model (engine/models/embedded) and no /tmp/m_try")
+        pytest.skip(f"no embedded model at {path} (build it: python -m engine.models.build_embedded)")
     return path
 
 

@@ -165,3 +165,17 @@ def test_logs_follow_streams_new_lines(daemon, tmp_path):
     finally:
         follower.kill()
         follower.wait(timeout=30)
+
+
+def test_export_falls_back_past_an_unreadable_checkpoint(daemon, tmp_path):
+    daemon.cli("submit", write_spec(tmp_path, "ck", steps=4, checkpoint_every=2), check=True)
+    wait_for(lambda: tenants(daemon)["e1"]["state"] == "done", what="e1 done")
+    ckpts = sorted((daemon.home / "checkpoints" / "e1").glob("step-*"))
+    assert [p.name for p in ckpts] == ["step-000002", "step-000004"]
+    adapter = ckpts[-1] / "adapter" / "adapter_model.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[:200])  # the newest is truncated (a crash, a full disk)
+    with daemon.client() as client:
+        result = client.call("export", id="e1", path=str(tmp_path / "out"))
+    assert result["step"] == 2  # the previous, readable checkpoint
+    assert (tmp_path / "out" / "adapter_model.safetensors").read_bytes() == \
+        (ckpts[0] / "adapter" / "adapter_model.safetensors").read_bytes()

@@ -104,3 +104,60 @@ def test_shipped_examples_are_valid():
         make_task(spec.task, spec.task_args)
         if spec.reward:
             load_reward(spec.reward)
+
+
+@pytest.mark.parametrize("data, field", [
+    ({"name": "x", "reward_timeout_s": float("inf")}, "reward_timeout_s"),
+    ({"name": "x", "optim": {"lr": float("inf")}}, "optim.lr"),
+    ({"name": "x", "optim": {"lr": float("nan")}}, "optim.lr"),
+    ({"name": "x", "optim": {"grad_clip": float("inf")}}, "optim.grad_clip"),
+    ({"name": "x", "optim": {"betas": [0.9, float("nan")]}}, "optim.betas"),
+    ({"name": "x", "grpo": {"beta": float("inf")}}, "grpo.beta"),
+    ({"name": "x", "lora": {"alpha": float("inf")}}, "lora.alpha"),
+])
+def test_non_finite_numbers_are_refused_with_the_field_named(data, field):
+    with pytest.raises(SpecError) as err:
+        parse_spec(data)
+    assert str(err.value).startswith(field) and ("finite" in str(err.value) or "[0, 1)" in str(err.value))
+
+
+def test_inf_in_an_experiment_file_is_refused(tmp_path):
+    path = tmp_path / "inf.toml"
+    path.write_text('name = "x"\nreward_timeout_s = inf\n[optim]\nlr = inf\n')
+    with pytest.raises(SpecError, match=r"^reward_timeout_s: must be a finite number, got inf"):
+        load_spec(path)
+
+
+@pytest.mark.parametrize("task, args, message", [
+    ("arithmetic", {"digits": 2.5}, "task_args.digits: must be an integer 1..4, got 2.5"),
+    ("arithmetic", {"digits": True}, "task_args.digits: must be an integer"),
+    ("arithmetic", {"ops": 3}, "task_args.ops: must be a string"),
+    ("arithmetic", {"ops": "/"}, "task_args.ops: use a non-empty subset of '+-*'"),
+    ("arithmetic", {"size": 2}, "task_args.size: not an argument of task 'arithmetic' (allowed: digits, eval_size, ops)"),
+    ("reverse", {"min_len": 1.5}, "task_args.min_len: must be an integer 1..8, got 1.5"),
+    ("sort", {"max_len": "5"}, "task_args.max_len: must be an integer 1..8, got '5'"),
+    ("sort", {"min_len": 6}, "task_args.min_len: need min_len <= max_len"),
+    ("reverse", {"digits": 2}, "task_args.digits: not an argument of task 'reverse' (allowed: eval_size, max_len, min_len)"),
+    ("arithmetic", {"eval_size": 100000}, "task_args.eval_size: must be an integer 1..1024, got 100000"),
+    ("arithmetic", {"eval_size": 0}, "task_args.eval_size: must be an integer 1..1024"),
+    ("jsonl:/nonexistent.jsonl", {"match": "fuzzy"}, "task_args.match: must be one of 'exact', 'numeric'"),
+    ("jsonl:/nonexistent.jsonl", {"eval_size": 5000}, "task_args.eval_size: must be an integer 1..1024"),
+])
+def test_task_args_are_validated_when_the_spec_is_parsed(task, args, message):
+    with pytest.raises(SpecError) as err:
+        parse_spec({"name": "x", "task": task, "task_args": args})
+    assert str(err.value).startswith(message), str(err.value)
+
+
+def test_task_args_overrides_are_validated():
+    spec = parse_spec({"name": "x", "task_args": {"digits": 3}})
+    assert spec.with_overrides({"task_args.digits": 1}).task_args == {"digits": 1}
+    with pytest.raises(SpecError, match=r"^task_args.digits: must be an integer 1..4, got 2.5"):
+        spec.with_overrides({"task_args.digits": 2.5})
+
+
+def test_tests_use_the_committed_model_only(monkeypatch, tmp_path):
+    import tests.modelpaths as modelpaths
+
+    monkeypatch.setattr(modelpaths, "EMBEDDED_MODEL_DIR", tmp_path / "missing")
+    assert modelpaths.model_dir() == str(tmp_path / "missing")  # no fallback to a developer's scratch path

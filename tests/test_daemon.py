@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
+
+import pytest
 
 from engine import protocol
 from engine.daemon import engine_running, pid_alive, read_pid
@@ -87,5 +91,65 @@ def test_shutdown_op_stops_the_process(daemon):
     t0 = time.time()
     proc = daemon.cli("engine", "stop")
     assert proc.returncode == 0 and f"pid {daemon.pid}" in proc.stdout
+    # Nothing ran, so nothing was checkpointed, and the message does not claim otherwise.
+    assert "no tenant needed a checkpoint" in proc.stdout and "tenants checkpointed" not in proc.stdout
     assert not pid_alive(daemon.pid) and time.time() - t0 < 60
     assert run_cli(daemon.home, "engine", "status").returncode == 3
+
+
+def test_stop_reports_the_checkpoints_written(daemon):
+    with daemon.client() as client:
+        client.call("start", spec={"name": "t", "steps": 200, "checkpoint_every": 100, "eval_every": 0,
+                                   "rollout": {"prompts_per_step": 2, "num_generations": 4, "max_tokens": 6}})
+    wait_for(lambda: daemon.json("ls")[0]["step"] >= 1, what="first step")
+    proc = daemon.cli("engine", "stop")
+    assert proc.returncode == 0 and "stopped; 1 tenant checkpoint written" in proc.stdout, proc.stdout
+    assert sorted((daemon.home / "checkpoints" / "e1").glob("step-*"))
+    assert "engine stopped; 1 tenant checkpoint(s) written" in protocol.log_path(daemon.home).read_text()
+
+
+def test_clora_home_permissions_are_never_changed(tmp_path):
+    from engine.daemon import DaemonError, prepare_home
+
+    fresh = prepare_home(tmp_path / "new" / "home")  # created by us: private
+    assert stat.S_IMODE(os.stat(fresh).st_mode) == 0o700
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)
+    proc = run_cli(shared, "engine", "start", "--backend", "peft")
+    assert proc.returncode == 1, proc.stderr
+    assert "accessible by other users (mode 1777)" in proc.stderr and f"chmod 700 {shared}" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert stat.S_IMODE(os.stat(shared).st_mode) == 0o1777  # untouched
+    assert not (shared / "token").exists() and not (shared / "engine.sock").exists()
+    os.chmod(shared, 0o755)
+    with pytest.raises(DaemonError, match="mode 0755"):
+        prepare_home(shared)
+    assert stat.S_IMODE(os.stat(shared).st_mode) == 0o755
+
+
+def _disk_full(limit: int):
+    """A child process whose files cannot grow past `limit` bytes: writes fail as on a full disk."""
+    def setup():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return setup
+
+
+def test_engine_start_on_a_full_disk_says_so(homes, model_path):
+    home = homes.new()
+    proc = subprocess.run([sys.executable, "-m", "clora_tui.cli", "engine", "start", "--model", str(model_path),
+                           "--backend", "peft"], env=cli_env(home), capture_output=True, text=True, timeout=300,
+                          cwd=str(REPO), preexec_fn=_disk_full(0))
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    assert f"error: cannot start the engine in {home}" in proc.stderr and "disk full" in proc.stderr, proc.stderr
+
+    home = homes.new()  # the engine process itself: the database cannot be created
+    proc = subprocess.run([sys.executable, "-m", "engine", "serve", "--home", str(home), "--model", str(model_path),
+                           "--backend", "peft"], env=cli_env(home), capture_output=True, text=True, timeout=300,
+                          cwd=str(REPO), preexec_fn=_disk_full(2048))
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+    assert f"error: cannot start the engine in {home}" in proc.stderr and "disk full" in proc.stderr, proc.stderr
+    assert engine_running(home) is None and not protocol.socket_path(home).exists()

@@ -113,6 +113,11 @@ def test_bad_requests_get_errors_and_the_connection_goes_on(daemon):
         (b'{"v": 1, "id": 1, "op": "status", "args": []}\n', "bad_request"),
         (b'{"v": 1, "id": 1, "op": "get", "args": {"id": "nope"}}\n', "refused"),
         (b'{"v": 1, "id": 1, "op": "export", "args": {"id": "e1", "path": "relative/dir"}}\n', "refused"),
+        (b'{"v": 1, "id": 1, "op": "logs", "args": {"since": ' + str(10**30).encode() + b'}}\n', "bad_request"),
+        (b'{"v": 1, "id": 1, "op": "logs", "args": {"limit": ' + str(-10**30).encode() + b'}}\n', "bad_request"),
+        (b'{"v": 1, "id": 1, "op": "history", "args": {"id": "e1", "since": ' + str(10**30).encode() + b'}}\n',
+         "bad_request"),
+        (b'{"v": 1, "id": 1, "op": "start", "args": {"spec": {}, "idempotency_key": ""}}\n', "bad_request"),
     ]
     for line, code in cases:
         raw.send(line)
@@ -186,6 +191,15 @@ def test_submit_refusals_over_the_socket(daemon, tmp_path):
         (tiny_spec("f", reward=f"{bad_reward}:nope"), "no callable 'nope'"),
         (tiny_spec("k", rollout={"temperature": -1.0}), "rollout.temperature"),
         (tiny_spec("x", lora={"target_modules": ["nonexistent_proj"]}), "nonexistent_proj"),
+        (tiny_spec("d", task_args={"digits": 2.5}), "task_args.digits: must be an integer 1..4, got 2.5"),
+        (tiny_spec("s", task="sort", task_args={"min_len": 1.5}), "task_args.min_len: must be an integer 1..8"),
+        (tiny_spec("u", task_args={"size": 2}), "task_args.size: not an argument of task 'arithmetic' (allowed:"),
+        (tiny_spec("v", task_args={"eval_size": 100000}), "task_args.eval_size: must be an integer 1..1024"),
+        (tiny_spec("i", reward_timeout_s=float("inf")), "reward_timeout_s: must be a finite number"),
+        (tiny_spec("l", optim={"lr": float("inf")}), "optim.lr: must be a finite number"),
+        (tiny_spec("w", rollout={"prompts_per_step": 4096, "num_generations": 8}),
+         "above this engine's max_step_tokens 262,144; lower rollout.prompts_per_step"),
+        (tiny_spec("z", rollout={"max_tokens": 32768}), "max_step_tokens"),
     ]
     with daemon.client() as client:
         for spec, needle in cases:
@@ -273,3 +287,138 @@ def test_subscriber_survives_other_clients_dying(daemon):
     sub.close()
     with pytest.raises(EngineUnavailable):
         sub.call("status")
+
+
+def test_out_of_range_since_on_a_real_tenant(daemon):
+    with daemon.client() as client:
+        client.call("start", spec=tiny_spec("r", steps=1))
+        for op, args in (("history", {"id": "e1", "since": 10**30}), ("logs", {"since": 10**30})):
+            with pytest.raises(EngineRefused) as info:
+                client.call(op, **args)
+            assert info.value.code == "bad_request" and "out of range" in str(info.value)
+        assert client.call("history", id="e1", since=0) is not None  # the connection goes on
+
+
+def test_deep_nesting_gets_an_error_not_a_dropped_connection(daemon):
+    raw = Raw(daemon.home)
+    raw.hello()
+    deep = b'{"v": 1, "id": 5, "op": "status", "args": {"x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}}\n"
+    raw.send(deep)
+    reply = raw.read()
+    assert reply is not None and reply["ok"] is False and reply["error"]["code"] == "bad_json", reply
+    nested = b'{"v": 1, "id": 6, "op": "start", "args": {"spec": {"name": "x", "task_args": {"a": ' + \
+        b"[" * 40 + b"]" * 40 + b"}}}}\n"
+    raw.send(nested)
+    reply = raw.read()
+    assert reply["error"]["code"] == "bad_request" and "nested deeper" in reply["error"]["message"]
+    assert raw.request("status", req_id=7)["ok"]  # same connection, still served
+    raw.close()
+    assert_alive(daemon.home)
+
+
+def test_the_hello_deadline_is_one_total_deadline(daemon):
+    """A client that trickles a byte every half second is still cut off at the hello deadline (2 s)."""
+    raw = Raw(daemon.home)
+    t0 = time.time()
+    reply = None
+    while time.time() - t0 < 10:
+        try:
+            raw.send(b"{")
+        except (BrokenPipeError, ConnectionResetError):
+            break
+        raw.sock.settimeout(0.5)
+        try:
+            reply = raw.read()
+            break
+        except socket.timeout:
+            continue
+    raw.sock.settimeout(5)
+    reply = reply or raw.read()
+    elapsed = time.time() - t0
+    assert reply is not None and reply["error"]["code"] == "unauthorized" and "no hello" in reply["error"]["message"]
+    assert elapsed < 4.0, f"cut off after {elapsed:.1f} s"
+    assert raw.closed_by_peer()
+
+
+def test_unauthenticated_lines_are_bounded(daemon):
+    raw = Raw(daemon.home)
+    t0 = time.time()
+    raw.send(b'{"v": 1, "op": "hello", "args": {"token": "' + b"a" * (protocol.MAX_HELLO_LINE + 10))
+    reply = raw.read()
+    assert reply["error"]["code"] == "too_large" and str(protocol.MAX_HELLO_LINE) in reply["error"]["message"]
+    assert time.time() - t0 < 1.5  # at once, not at the hello deadline
+    assert raw.closed_by_peer()
+    assert_alive(daemon.home)
+
+
+def test_connection_cap(daemon):
+    held = []
+    try:
+        for _ in range(64):
+            raw = Raw(daemon.home)
+            raw.hello()
+            held.append(raw)
+        with pytest.raises(EngineRefused) as info:
+            EngineClient(daemon.home, timeout=10).connect()
+        assert info.value.code == "refused" and "too many connections" in str(info.value)
+        held.pop().close()
+        wait_for(lambda: _connects(daemon.home), timeout=10, what="a free connection slot")
+    finally:
+        for raw in held:
+            raw.close()
+    assert_alive(daemon.home)
+
+
+def _connects(home) -> bool:
+    try:
+        EngineClient(home, timeout=10).connect().close()
+        return True
+    except EngineRefused:
+        return False
+
+
+def test_wrong_token_hello_on_an_authenticated_connection(daemon):
+    raw = Raw(daemon.home)
+    raw.hello()
+    reply = raw.request("hello", req_id=2, token="0" * 64)
+    assert reply["ok"] is False and reply["error"]["code"] == "unauthorized"
+    assert raw.closed_by_peer()
+    raw = Raw(daemon.home)
+    raw.hello()
+    assert raw.request("hello", req_id=3, token=raw.token)["ok"]  # the right token again is fine
+
+
+def test_start_retried_with_its_idempotency_key_creates_one_experiment(daemon):
+    spec = tiny_spec("once", steps=1)
+    lost = Raw(daemon.home)
+    lost.hello()
+    lost.send(protocol.encode(protocol.request("start", 9, spec=spec, idempotency_key="k-1")))
+    lost.close()  # the answer is lost: the client retries with the same key
+    with daemon.client() as client:
+        first = client.call("start", spec=spec, idempotency_key="k-1")
+        again = client.call("start", spec=spec, idempotency_key="k-1")
+        assert first["id"] == again["id"] == "e1"
+        with pytest.raises(EngineRefused) as info:
+            client.call("start", spec=tiny_spec("other", steps=1), idempotency_key="k-1")
+        assert info.value.code == "bad_request" and "different request" in str(info.value)
+        clone = client.call("clone", id="e1", overrides={"name": "c"}, idempotency_key="k-2")
+        assert client.call("clone", id="e1", overrides={"name": "c"}, idempotency_key="k-2") == clone
+        assert [t["id"] for t in client.call("list")] == ["e1", clone["id"]]
+        other = client.call("start", spec=spec)  # no key given: the client makes a fresh one
+        assert other["id"] not in ("e1", clone["id"])
+
+
+def test_app_requests_retried_after_a_timeout_do_not_duplicate(daemon):
+    from clora_tui.source import EngineSource
+
+    source = EngineSource(daemon.home, autostart=False)
+    try:
+        source.requester = EngineClient(daemon.home, timeout=60).connect()
+        source.requester.timeout = 1e-6  # the first answer "times out"; the source retries
+        result = source.call("start", spec=tiny_spec("retried", steps=1))
+        assert result["id"] == "e1"
+        with daemon.client() as client:
+            time.sleep(0.5)
+            assert [t["name"] for t in client.call("list")] == ["retried"]
+    finally:
+        source.close()

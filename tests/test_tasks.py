@@ -90,3 +90,37 @@ def test_reward_that_raises_hangs_or_returns_nan_is_reported():
     assert time.time() - start < 5
     with pytest.raises(RewardError, match="non-finite"):
         score_all(lambda p, c, a: float("nan"), [("p", "c", "a")], timeout_s=5)
+
+
+@pytest.mark.parametrize("name, args, message", [
+    ("arithmetic", {"digits": 2.5}, r"^task_args.digits: must be an integer 1..4, got 2.5$"),
+    ("reverse", {"min_len": 1.5}, r"^task_args.min_len: must be an integer 1..8, got 1.5$"),
+    ("sort", {"min_len": 1.5}, r"^task_args.min_len: must be an integer 1..8, got 1.5$"),
+    ("arithmetic", {"eval_size": 100000}, r"^task_args.eval_size: must be an integer 1..1024, got 100000$"),
+    ("sort", {"nope": 1}, r"^task_args.nope: not an argument of task 'sort' \(allowed: eval_size, max_len, min_len\)$"),
+])
+def test_task_args_types_and_ranges_are_checked(name, args, message):
+    with pytest.raises(TaskError, match=message):
+        make_task(name, args)
+
+
+def test_jsonl_task_args_and_unreadable_dataset(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) for i in range(8)))
+    with pytest.raises(TaskError, match=r"^task_args.eval_size: must be an integer 1..1024, got 100000$"):
+        make_task(f"jsonl:{path}", {"eval_size": 100000})
+    with pytest.raises(TaskError, match=r"^task_args.digits: not an argument of task 'jsonl' \(allowed: eval_size, match\)"):
+        make_task(f"jsonl:{path}", {"digits": 2})
+    assert len(make_task(f"jsonl:{path}", {"eval_size": 1}).eval_set()) == 1
+    binary = tmp_path / "b.jsonl"
+    binary.write_bytes(b"\xff\xfe{}\n")
+    with pytest.raises(TaskError, match="cannot read dataset"):
+        make_task(f"jsonl:{binary}")
+
+
+def test_sample_prompts_cover_the_longest_prompts(tmp_path):
+    path = tmp_path / "d.jsonl"
+    rows = [{"prompt": "x" * n, "answer": "1"} for n in (3, 50, 7, 9)]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    assert max(map(len, make_task(f"jsonl:{path}").sample_prompts(0, 2))) == 50
+    assert all(p.endswith("=") for p in make_task("arithmetic").sample_prompts(0, 4))

@@ -1,4 +1,9 @@
-"""The rollout interface: one call samples for every tenant in one shared batch."""
+"""The rollout interface: jobs of many tenants sampled together, continuously.
+
+The scheduler submits a job (a tag and its requests), calls `advance()` as long as
+the backend is busy, and gets each job back as soon as its own rows are done; a job
+can be cancelled in between (pause, kill). `generate()` is the blocking form.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ class SampleRequest:
     seed: int | None = None
     greedy: bool = False
     ignore_eos: bool = False
+    priority: float = 1.0  # share of a contended batch, relative to other requests
 
 
 @dataclass
@@ -54,8 +60,33 @@ class RolloutBackend(ABC):
         """Free the adapter's slot and memory in the sampler."""
 
     @abstractmethod
+    def submit(self, tag, requests: list[SampleRequest]) -> None:
+        """Start sampling a job; its rows join the shared batch at the next `advance()`."""
+
+    @abstractmethod
+    def cancel(self, tag) -> bool:
+        """Drop a job wherever it is; True if it was there."""
+
+    @abstractmethod
+    def advance(self) -> list[tuple[object, list[list[Completion]] | BaseException]]:
+        """Do one unit of sampling work (a decode step) for every job; return the jobs that
+        finished, each with its completions (request order) or the error that failed it."""
+
+    @property
+    @abstractmethod
+    def busy(self) -> bool:
+        """Jobs are in flight."""
+
     def generate(self, requests: list[SampleRequest]) -> list[list[Completion]]:
-        """Completions for every request, in order; requests of many adapters share batches."""
+        """Completions for every request, in order (blocking; other jobs keep going)."""
+        tag = ("generate", object())
+        self.submit(tag, requests)
+        while True:
+            for done, result in self.advance():
+                if done == tag:
+                    if isinstance(result, BaseException):
+                        raise result
+                    return result
 
     def close(self) -> None:
         """Release the inference engine."""

@@ -47,6 +47,10 @@ class VllmRolloutBackend(RolloutBackend):
         self._slots = max_loras
         self._ids: dict[str, int] = {}
         self._next_id = 1
+        self._jobs: dict = {}  # tag -> {"results": [...], "ids": {request id: index}}
+        self._owner: dict[str, object] = {}  # vLLM request id -> tag
+        self._ready: list = []
+        self._next_request = 0
 
     @property
     def slots(self) -> int:
@@ -73,29 +77,69 @@ class VllmRolloutBackend(RolloutBackend):
             self.llm.llm_engine.remove_lora(lora_id)
         shutil.rmtree(self.scratch / name, ignore_errors=True)
 
-    def generate(self, requests: list[SampleRequest]) -> list[list[Completion]]:
+    def _params(self, req: SampleRequest):
         from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        return SamplingParams(
+            n=req.n, max_tokens=req.max_tokens, logprobs=0, seed=req.seed,
+            temperature=0.0 if req.greedy else req.temperature, top_p=1.0 if req.greedy else req.top_p,
+            stop_token_ids=[] if req.ignore_eos else [self.eos_id], ignore_eos=req.ignore_eos,
+            skip_special_tokens=False, detokenize=False, output_kind=RequestOutputKind.FINAL_ONLY)
+
+    def submit(self, tag, requests: list[SampleRequest]) -> None:
+        """Every request goes straight into vLLM's own continuous batch (per-request
+        SamplingParams, one LoRARequest per tenant)."""
         from vllm.inputs import TokensPrompt
 
-        prompts, params, loras = [], [], []
-        for req in requests:
-            prompts.append(TokensPrompt(prompt_token_ids=list(req.prompt_ids)))
-            params.append(SamplingParams(
-                n=req.n, max_tokens=req.max_tokens, logprobs=0, seed=req.seed,
-                temperature=0.0 if req.greedy else req.temperature, top_p=1.0 if req.greedy else req.top_p,
-                stop_token_ids=[] if req.ignore_eos else [self.eos_id], ignore_eos=req.ignore_eos,
-                skip_special_tokens=False, detokenize=False))
-            loras.append(self._request(req.adapter))
-        outputs = self.llm.generate(prompts, params, lora_request=loras, use_tqdm=False)
-        results = []
-        for out in outputs:
+        engine = self.llm.llm_engine
+        job = {"results": [None] * len(requests), "ids": {}}
+        self._jobs[tag] = job
+        for i, req in enumerate(requests):
+            rid = f"clora-{self._next_request}"  # outputs and aborts use this external id
+            self._next_request += 1
+            engine.add_request(rid, TokensPrompt(prompt_token_ids=list(req.prompt_ids)), self._params(req),
+                               lora_request=self._request(req.adapter))
+            job["ids"][rid] = i
+            self._owner[rid] = tag
+        if not requests:
+            self._ready.append((tag, []))
+            del self._jobs[tag]
+
+    def cancel(self, tag) -> bool:
+        job = self._jobs.pop(tag, None)
+        if job is None:
+            return False
+        ids = list(job["ids"])
+        for rid in ids:
+            self._owner.pop(rid, None)
+        self.llm.llm_engine.abort_request(ids)
+        return True
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._jobs) or bool(self._ready)
+
+    def advance(self) -> list:
+        finished, self._ready = self._ready, []
+        if not self._jobs:
+            return finished
+        for out in self.llm.llm_engine.step():
+            tag = self._owner.get(out.request_id)
+            if tag is None or not out.finished:
+                continue
+            del self._owner[out.request_id]
+            job = self._jobs[tag]
             group = []
             for sample in out.outputs:
                 ids = list(sample.token_ids)
                 lps = [entry[tok].logprob for tok, entry in zip(ids, sample.logprobs or [])] if sample.logprobs else []
                 group.append(Completion(token_ids=ids, logprobs=lps, finished=bool(ids) and ids[-1] == self.eos_id))
-            results.append(group)
-        return results
+            job["results"][job["ids"][out.request_id]] = group
+            if all(r is not None for r in job["results"]):
+                finished.append((tag, job["results"]))
+                del self._jobs[tag]
+        return finished
 
     def close(self) -> None:
         try:

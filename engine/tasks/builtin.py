@@ -4,21 +4,38 @@ from __future__ import annotations
 
 import string
 
-from engine.tasks.base import Problem, Task, TaskError, rng_for
+from engine.tasks.base import EVAL_SIZE_ARG, Arg, Problem, Task, TaskError, rng_for
 
 EVAL_SALT = 0x5EED  # the eval stream never overlaps a training stream
+
+
+def _ops_problem(ops: str) -> str | None:
+    return "use a non-empty subset of '+-*'" if not ops or set(ops) - set("+-*") else None
+
+
+class _LengthTask(Task):
+    """Tasks over strings of min_len..max_len characters."""
+
+    ARGS = {"min_len": Arg(int, 1, 8), "max_len": Arg(int, 1, 8), "eval_size": EVAL_SIZE_ARG}
+
+    @classmethod
+    def check_args(cls, args):
+        super().check_args(args)
+        lo, hi = args.get("min_len", 3), args.get("max_len", 5)
+        if lo > hi:
+            key = "min_len" if "min_len" in args else "max_len"
+            raise TaskError(f"task_args.{key}: need min_len <= max_len, got min_len {lo} and max_len {hi}")
+        return args
 
 
 class ArithmeticTask(Task):
     """Integer arithmetic: `37+45=` -> `82`. `digits` sets operand size, `ops` the operators."""
 
     name = "arithmetic"
+    ARGS = {"digits": Arg(int, 1, 4), "ops": Arg(str, check=_ops_problem), "eval_size": EVAL_SIZE_ARG}
 
     def __init__(self, digits: int = 2, ops: str = "+", eval_size: int = 64):
-        if not 1 <= digits <= 4:
-            raise TaskError("task_args.digits: must be between 1 and 4")
-        if not ops or set(ops) - set("+-*"):
-            raise TaskError("task_args.ops: use a non-empty subset of '+-*'")
+        self.check_args({"digits": digits, "ops": ops, "eval_size": eval_size})
         self.digits, self.ops, self.eval_size = digits, ops, eval_size
 
     def _make(self, rng) -> Problem:
@@ -35,14 +52,13 @@ class ArithmeticTask(Task):
         return [self._make(rng_for(0, i, EVAL_SALT)) for i in range(self.eval_size)]
 
 
-class ReverseTask(Task):
+class ReverseTask(_LengthTask):
     """String reversal: `rev:abcd=` -> `dcba`."""
 
     name = "reverse"
 
     def __init__(self, min_len: int = 3, max_len: int = 5, eval_size: int = 64):
-        if not 1 <= min_len <= max_len <= 8:
-            raise TaskError("task_args: need 1 <= min_len <= max_len <= 8")
+        self.check_args({"min_len": min_len, "max_len": max_len, "eval_size": eval_size})
         self.min_len, self.max_len, self.eval_size = min_len, max_len, eval_size
 
     def _make(self, rng) -> Problem:
@@ -56,14 +72,13 @@ class ReverseTask(Task):
         return [self._make(rng_for(0, i, EVAL_SALT + 1)) for i in range(self.eval_size)]
 
 
-class SortTask(Task):
+class SortTask(_LengthTask):
     """Digit sorting: `sort:3142=` -> `1234`."""
 
     name = "sort"
 
     def __init__(self, min_len: int = 3, max_len: int = 5, eval_size: int = 64):
-        if not 1 <= min_len <= max_len <= 8:
-            raise TaskError("task_args: need 1 <= min_len <= max_len <= 8")
+        self.check_args({"min_len": min_len, "max_len": max_len, "eval_size": eval_size})
         self.min_len, self.max_len, self.eval_size = min_len, max_len, eval_size
 
     def _make(self, rng) -> Problem:

@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-from engine.tasks.base import Problem, Task, TaskError, normalize, rng_for
+from engine.tasks.base import EVAL_SIZE_ARG, Arg, Problem, Task, TaskError, normalize, rng_for
 
 
 class JsonlTask(Task):
@@ -16,10 +16,10 @@ class JsonlTask(Task):
     """
 
     name = "jsonl"
+    ARGS = {"match": Arg(str, choices=("exact", "numeric")), "eval_size": EVAL_SIZE_ARG}
 
     def __init__(self, path: str, match: str = "exact", eval_size: int = 64):
-        if match not in ("exact", "numeric"):
-            raise TaskError("task_args.match: must be 'exact' or 'numeric'")
+        self.check_args({"match": match, "eval_size": eval_size})
         self.path, self.match = Path(path).expanduser(), match
         self.problems = self._read(self.path)
         held = min(eval_size, len(self.problems) // 4)
@@ -31,8 +31,12 @@ class JsonlTask(Task):
     def _read(path: Path) -> list[Problem]:
         if not path.is_file():
             raise TaskError(f"task: dataset {path} does not exist")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise TaskError(f"task: cannot read dataset {path}: {exc}") from None
         problems = []
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for lineno, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -53,6 +57,9 @@ class JsonlTask(Task):
 
     def eval_set(self) -> list[Problem]:
         return list(self.held_out)
+
+    def sample_prompts(self, seed: int, n: int = 64) -> list[str]:
+        return sorted((p.prompt for p in self.problems), key=len, reverse=True)[:n]
 
     def is_correct(self, completion: str, answer: str) -> bool:
         if self.match == "exact":

@@ -9,15 +9,32 @@ from engine.tasks.jsonl import JsonlTask
 BUILTIN_TASKS = {cls.name: cls for cls in (ArithmeticTask, ReverseTask, SortTask)}
 
 
+def task_class(name: str) -> type[Task]:
+    if name.startswith("jsonl:"):
+        return JsonlTask
+    if name not in BUILTIN_TASKS:
+        known = ", ".join(sorted(BUILTIN_TASKS))
+        raise TaskError(f"task: unknown task {name!r}; use one of {known} or 'jsonl:PATH'")
+    return BUILTIN_TASKS[name]
+
+
+def check_task_args(name: str, args: dict | None) -> None:
+    """Validate a spec's `task_args` for its task (types, ranges, known keys) without building
+    the task; raises TaskError naming the field. Unknown task names are left to make_task."""
+    try:
+        cls = task_class(name)
+    except TaskError:
+        return
+    cls.check_args({} if args is None else args)
+
+
 def make_task(name: str, args: dict | None = None) -> Task:
     """Build the task a spec names; raises TaskError naming what is wrong."""
-    args = dict(args or {})
+    cls = task_class(name)
+    args = dict(cls.check_args({} if args is None else args))
     try:
-        if name.startswith("jsonl:"):
+        if cls is JsonlTask:
             return JsonlTask(name[len("jsonl:") :], **args)
-        if name not in BUILTIN_TASKS:
-            known = ", ".join(sorted(BUILTIN_TASKS))
-            raise TaskError(f"task: unknown task {name!r}; use one of {known} or 'jsonl:PATH'")
-        return BUILTIN_TASKS[name](**args)
+        return cls(**args)
     except TypeError as exc:
         raise TaskError(f"task_args: {exc}") from None

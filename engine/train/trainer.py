@@ -2,8 +2,9 @@
 
 Invariant: a tenant's optimizer holds exactly that tenant's LoRA parameters, so a
 step of one tenant can never move another tenant's weights. The model stays in eval
-mode (no dropout) because PEFT's mixed-adapter forward (`adapter_names=[...]`) is
-only allowed there; gradients flow all the same.
+mode (no dropout); gradients flow all the same. Rows of many adapters share every
+forward through one segmented LoRA computation (engine.batched_lora), for sampling and
+for training alike.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import save_file
 
+from engine import batched_lora
 from engine.config import GrpoSpec, LoraSpec, OptimSpec
 from engine.train.grpo import grpo_loss
 
@@ -38,6 +40,9 @@ class TrainBatch:
     completion_mask: torch.Tensor  # [B, T]
     advantages: torch.Tensor  # [B]
     prompt_width: int
+    # Off-policy steps: the sampler's log-probs [B, T]. The loss's importance ratio is then
+    # taken against the policy that really sampled, not the trainer's weights before the update.
+    behavior_logprobs: torch.Tensor | None = None
 
 
 @dataclass
@@ -61,6 +66,8 @@ def concat_batches(batches: list[TrainBatch], pad_id: int = 0) -> tuple[TrainBat
     attn = torch.zeros_like(ids)
     cmask = torch.zeros((rows, c_width), dtype=torch.float32)
     adv = torch.zeros(rows, dtype=torch.float32)
+    behavior = torch.zeros((rows, c_width), dtype=torch.float32) if any(
+        b.behavior_logprobs is not None for b in batches) else None
     slices, start = [], 0
     for b in batches:
         n, p, c = b.input_ids.shape[0], b.prompt_width, b.completion_mask.shape[1]
@@ -68,9 +75,11 @@ def concat_batches(batches: list[TrainBatch], pad_id: int = 0) -> tuple[TrainBat
         attn[start : start + n, p_width - p : p_width + c] = b.attention_mask
         cmask[start : start + n, :c] = b.completion_mask
         adv[start : start + n] = b.advantages
+        if b.behavior_logprobs is not None:
+            behavior[start : start + n, :c] = b.behavior_logprobs
         slices.append(slice(start, start + n))
         start += n
-    return TrainBatch(ids, attn, cmask, adv, p_width), slices
+    return TrainBatch(ids, attn, cmask, adv, p_width, behavior), slices
 
 
 class MultiAdapterTrainer:
@@ -83,10 +92,16 @@ class MultiAdapterTrainer:
         anchor = LoraConfig(r=1, lora_alpha=1, target_modules=["q_proj"], lora_dropout=0.0)
         self.model: PeftModel = get_peft_model(base_model, anchor, adapter_name=ANCHOR)
         self.model.eval()
+        batched_lora.install(self.model)
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.specs: dict[str, tuple[LoraSpec, OptimSpec]] = {}
         # The sampler (PEFT backend) and the trainer share weights; one lock orders them.
         self.lock = threading.RLock()
+        # Bumped whenever any adapter's weights change: samplers that cache stacked
+        # LoRA weights (engine.batched_lora) rebuild them when it moves.
+        self.version = 0
+        self.micro_batch_rows = 1024
+        self._stepped = False
 
     # -- adapters ---------------------------------------------------------------
     def add_adapter(self, name: str, lora: LoraSpec, optim: OptimSpec, seed: int) -> None:
@@ -105,9 +120,14 @@ class MultiAdapterTrainer:
                 raise ValueError(f"lora.target_modules {lora.target_modules} match no module of the base model")
             for p in params:
                 p.requires_grad_(True)
+            # fused: one kernel for all of the adapter's tensors (the per-tensor loop costs
+            # more than the math for LoRA-sized parameters).
             self.optimizers[name] = torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas),
-                                                      weight_decay=optim.weight_decay)
+                                                      weight_decay=optim.weight_decay, fused=True)
             self.specs[name] = (lora, optim)
+            batched_lora.install(self.model)
+            self._keep_trainable()
+            self.version += 1
 
     def remove_adapter(self, name: str) -> None:
         with self.lock:
@@ -115,8 +135,20 @@ class MultiAdapterTrainer:
             self.specs.pop(name, None)
             if name in self.model.peft_config:
                 self.model.delete_adapter(name)
+            self._keep_trainable()
+            self.version += 1
+
+    def _keep_trainable(self) -> None:
+        """PEFT marks only its *active* adapter trainable when adapters come and go; every
+        tenant's parameters must keep requiring grad, or its update would silently be zero."""
+        for opt in self.optimizers.values():
+            for p in opt.param_groups[0]["params"]:
+                p.requires_grad_(True)
 
     def parameters(self, name: str) -> list[torch.nn.Parameter]:
+        opt = self.optimizers.get(name)
+        if opt is not None:  # the optimizer holds exactly this adapter's parameters
+            return list(opt.param_groups[0]["params"])
         marker = f".{name}."
         return [p for n, p in self.model.named_parameters() if marker in n]
 
@@ -154,6 +186,7 @@ class MultiAdapterTrainer:
             missing = [k for k in getattr(result, "unexpected_keys", []) if name in k]
             if missing:
                 raise ValueError(f"checkpoint does not fit adapter {name}: {missing[:3]}")
+            self.version += 1
 
     def optimizer_state(self, name: str) -> dict:
         return self.optimizers[name].state_dict()
@@ -163,12 +196,16 @@ class MultiAdapterTrainer:
 
     # -- forward ----------------------------------------------------------------
     def completion_logprobs(self, adapter_names: list[str], batch: TrainBatch, with_entropy: bool = False):
-        """Per-token log-probs of the completion tokens under each row's adapter."""
+        """Per-token log-probs of the completion tokens under each row's adapter
+        ("__base__": no adapter), from one segmented multi-adapter forward."""
         ids, mask = batch.input_ids.to(self.device), batch.attention_mask.to(self.device)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                         adapter_names=adapter_names, use_cache=False)
         width = batch.completion_mask.shape[1]
-        logits = out.logits[:, batch.prompt_width - 1 : batch.prompt_width - 1 + width].float()
+        routing = batched_lora.AdapterRouting(adapter_names, adapter_names, self.device)
+        with batched_lora.routed(routing):
+            # Only the completion positions need logits (a real model's vocabulary is large).
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                             use_cache=False, logits_to_keep=width + 1)
+        logits = out.logits[:, :width].float()
         logp_all = torch.log_softmax(logits, dim=-1)
         targets = ids[:, batch.prompt_width : batch.prompt_width + width]
         logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
@@ -176,92 +213,100 @@ class MultiAdapterTrainer:
         return logp, entropy
 
     def train_step(self, name: str, batch: TrainBatch, grpo: GrpoSpec, max_tokens: int) -> StepStats:
-        """GRPO update of one tenant's adapter: only its optimizer steps."""
-        return self.train_steps({name: (batch, grpo, max_tokens)})[name]
-
-    def train_steps(self, work: dict[str, tuple[TrainBatch, GrpoSpec, int]]) -> dict[str, StepStats]:
-        """One GRPO update per tenant. Tenants' losses touch disjoint parameters, so
-        each tenant's gradient is exactly what it would be trained alone."""
-        stats: dict[str, StepStats] = {}
-        with self.lock:
-            for name, (batch, grpo, max_tokens) in work.items():
-                params = self.parameters(name)
-                for p in params:
-                    p.requires_grad_(True)
-                rows = [name] * batch.input_ids.shape[0]
-                mask = batch.completion_mask.to(self.device)
-                adv = batch.advantages.to(self.device)
-                ref = None
-                if grpo.beta > 0:
-                    with torch.no_grad():
-                        ref, _ = self.completion_logprobs(["__base__"] * len(rows), batch)
-                old = None
-                for it in range(grpo.iterations):
-                    logp, entropy = self.completion_logprobs(rows, batch, with_entropy=(it == 0))
-                    if old is None:
-                        old = logp.detach()
-                        first_entropy = float((entropy.detach() * mask).sum() / mask.sum().clamp(min=1))
-                    parts = grpo_loss(logp, old, adv, mask, epsilon=grpo.epsilon, epsilon_high=grpo.epsilon_high,
-                                      beta=grpo.beta, ref_logprobs=ref, loss_type=grpo.loss_type,
-                                      max_completion_length=max_tokens)
-                    if not torch.isfinite(parts.loss):
-                        raise FloatingPointError(f"loss is {parts.loss.item()} at iteration {it}")
-                    opt = self.optimizers[name]
-                    opt.zero_grad(set_to_none=True)
-                    parts.loss.backward()
-                    clip = self.specs[name][1].grad_clip
-                    norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf)
-                    if not torch.isfinite(norm):
-                        opt.zero_grad(set_to_none=True)
-                        raise FloatingPointError(f"gradient norm is {norm.item()}")
-                    opt.step()
-                stats[name] = StepStats(loss=float(parts.loss.detach()), kl=parts.kl, grad_norm=float(norm),
-                                        entropy=first_entropy, clip_fraction=parts.clip_fraction,
-                                        trainer_logprobs=old)
-        return stats
+        """GRPO update of one tenant's adapter: only its optimizer steps. Raises on failure."""
+        outcome = self.train({name: (batch, grpo, max_tokens)})[name]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
 
     def train_fused(self, work: dict[str, tuple[TrainBatch, GrpoSpec, int]]) -> dict:
-        """Every tenant's GRPO update from one mixed-adapter forward and one backward.
+        return self.train(work, fused=True)
 
-        The summed loss separates: tenant A's loss does not depend on tenant B's LoRA
-        weights, so d(sum)/d(theta_A) = d(loss_A)/d(theta_A) exactly as if A trained
-        alone. Each optimizer then clips and steps only its own tenant's gradients.
-        Returns StepStats per tenant, or the exception that fails that tenant.
-        """
-        names = list(work)
-        batch, slices = concat_batches([work[n][0] for n in names])
-        rows = [n for n, s in zip(names, slices) for _ in range(s.stop - s.start)]
-        mask = batch.completion_mask.to(self.device)
-        adv = batch.advantages.to(self.device)
-        results: dict = {}
+    def train(self, work: dict[str, tuple[TrainBatch, GrpoSpec, int]], fused: bool = True) -> dict:
+        """One GRPO update per tenant; returns StepStats, or the exception that fails that
+        tenant (the others still step). `fused`: tenants share forward/backward passes in
+        micro-batches of whole tenants up to `micro_batch_rows` rows (exact: tenant A's
+        loss does not depend on tenant B's weights, so the summed loss gives each adapter
+        the gradient it would get alone); otherwise one tenant at a time."""
+        if not fused:
+            results = {}
+            for name, item in work.items():
+                results.update(self.train({name: item}, fused=True))
+            return results
         with self.lock:
-            params = {n: self.parameters(n) for n in names}
-            for ps in params.values():
-                for p in ps:
-                    p.requires_grad_(True)
+            try:
+                return self._train_fused(work)
+            except Exception as exc:  # noqa: BLE001
+                if len(work) == 1 or self._stepped:
+                    # Some optimizers may have stepped already: retrying would update twice.
+                    return {name: exc for name in work}
+            # Nothing stepped yet: isolate the culprit by training each tenant alone.
+            return {name: out for name, item in work.items() for out in [self._train_alone(name, item)]}
+
+    def _train_alone(self, name, item):
+        try:
+            return self._train_fused({name: item})[name]
+        except Exception as exc:  # noqa: BLE001
+            return exc
+
+    def _micro_batches(self, names: list[str], work) -> list[list[str]]:
+        chunks, current, rows = [], [], 0
+        for name in names:
+            n = work[name][0].input_ids.shape[0]
+            if current and rows + n > self.micro_batch_rows:
+                chunks.append(current)
+                current, rows = [], 0
+            current.append(name)
+            rows += n
+        if current:
+            chunks.append(current)
+        return chunks
+
+    def _train_fused(self, work: dict[str, tuple[TrainBatch, GrpoSpec, int]]) -> dict:
+        self._stepped = False
+        names = list(work)
+        chunks = []
+        for chunk_names in self._micro_batches(names, work):
+            batch, slices = concat_batches([work[n][0] for n in chunk_names])
+            rows = [n for n, s in zip(chunk_names, slices) for _ in range(s.stop - s.start)]
             ref = None
-            if any(work[n][1].beta > 0 for n in names):
+            if any(work[n][1].beta > 0 for n in chunk_names):
                 with torch.no_grad():
                     ref, _ = self.completion_logprobs(["__base__"] * len(rows), batch)
-            old = entropy0 = None
-            live = list(names)
-            rounds = max(work[n][1].iterations for n in names)
-            parts_by = {}
-            norms: dict[str, float] = {}
-            for it in range(rounds):
-                active = [n for n in live if work[n][1].iterations > it]
-                if not active:
-                    break
-                logp, entropy = self.completion_logprobs(rows, batch, with_entropy=(it == 0))
-                if old is None:
-                    old, entropy0 = logp.detach(), entropy.detach()
+            chunks.append({"names": chunk_names, "batch": batch, "slices": dict(zip(chunk_names, slices)),
+                           "rows": rows, "ref": ref, "mask": batch.completion_mask.to(self.device),
+                           "adv": batch.advantages.to(self.device), "old": None, "entropy": None})
+        params = {n: self.parameters(n) for n in names}
+        results: dict = {}
+        live = list(names)
+        parts_by, norms = {}, {}
+        for it in range(max(work[n][1].iterations for n in names)):
+            active = [n for n in live if work[n][1].iterations > it]
+            if not active:
+                break
+            for n in active:
+                self.optimizers[n].zero_grad(set_to_none=True)
+            for chunk in chunks:
+                if not any(n in active for n in chunk["names"]):
+                    continue
+                logp, entropy = self.completion_logprobs(chunk["rows"], chunk["batch"], with_entropy=(it == 0))
+                if chunk["old"] is None:
+                    chunk["old"], chunk["entropy"] = logp.detach(), entropy.detach()
+                    chunk["ratio_base"] = chunk["old"].clone()
+                    behavior = chunk["batch"].behavior_logprobs
+                    for n in chunk["names"]:
+                        if work[n][0].behavior_logprobs is not None:
+                            s = chunk["slices"][n]
+                            chunk["ratio_base"][s] = behavior[s].to(self.device)
                 total = None
-                for n in list(active):
-                    s, (_, grpo, max_tokens) = slices[names.index(n)], work[n]
-                    parts = grpo_loss(logp[s], old[s], adv[s], mask[s], epsilon=grpo.epsilon,
-                                      epsilon_high=grpo.epsilon_high, beta=grpo.beta,
-                                      ref_logprobs=ref[s] if ref is not None else None, loss_type=grpo.loss_type,
-                                      max_completion_length=max_tokens)
+                for n in chunk["names"]:
+                    if n not in active:
+                        continue
+                    s, (_, grpo, max_tokens) = chunk["slices"][n], work[n]
+                    parts = grpo_loss(logp[s], chunk["ratio_base"][s], chunk["adv"][s], chunk["mask"][s],
+                                      epsilon=grpo.epsilon, epsilon_high=grpo.epsilon_high, beta=grpo.beta,
+                                      ref_logprobs=chunk["ref"][s] if chunk["ref"] is not None else None,
+                                      loss_type=grpo.loss_type, max_completion_length=max_tokens)
                     if not torch.isfinite(parts.loss):
                         results[n] = FloatingPointError(f"loss is {parts.loss.item()} at iteration {it}")
                         live.remove(n)
@@ -269,26 +314,27 @@ class MultiAdapterTrainer:
                         continue
                     parts_by[n] = parts
                     total = parts.loss if total is None else total + parts.loss
-                for n in active:
+                if total is not None:
+                    total.backward()
+            for n in list(active):
+                clip = self.specs[n][1].grad_clip
+                norm = torch.nn.utils.clip_grad_norm_(params[n], clip if clip > 0 else math.inf)
+                if not torch.isfinite(norm):
                     self.optimizers[n].zero_grad(set_to_none=True)
-                if total is None:
-                    break
-                total.backward()
-                for n in active:
-                    clip = self.specs[n][1].grad_clip
-                    norm = torch.nn.utils.clip_grad_norm_(params[n], clip if clip > 0 else math.inf)
-                    if not torch.isfinite(norm):
-                        self.optimizers[n].zero_grad(set_to_none=True)
-                        results[n] = FloatingPointError(f"gradient norm is {norm.item()}")
-                        live.remove(n)
-                        continue
-                    norms[n] = float(norm)
-                    self.optimizers[n].step()
-            for n in live:
-                s = slices[names.index(n)]
-                m = mask[s]
+                    results[n] = FloatingPointError(f"gradient norm is {norm.item()}")
+                    live.remove(n)
+                    continue
+                norms[n] = float(norm)
+                self.optimizers[n].step()
+                self._stepped = True
+            self.version += 1
+        for chunk in chunks:
+            for n in chunk["names"]:
+                if n not in live:
+                    continue
+                s, m = chunk["slices"][n], chunk["mask"][chunk["slices"][n]]
                 results[n] = StepStats(loss=float(parts_by[n].loss.detach()), kl=parts_by[n].kl, grad_norm=norms[n],
-                                       entropy=float((entropy0[s] * m).sum() / m.sum().clamp(min=1)),
+                                       entropy=float((chunk["entropy"][s] * m).sum() / m.sum().clamp(min=1)),
                                        clip_fraction=parts_by[n].clip_fraction,
-                                       trainer_logprobs=old[s][:, : work[n][0].completion_mask.shape[1]])
+                                       trainer_logprobs=chunk["old"][s][:, : work[n][0].completion_mask.shape[1]])
         return results
