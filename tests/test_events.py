@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -104,17 +105,21 @@ def test_snapshot_does_not_hold_the_event_lock_while_reading_histories(tmp_path)
 
 
 def test_child_process_cpu_is_measured():
-    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    # An idle parent whose only child spins: all the CPU the probe sees must come from the child.
+    spin = "import subprocess, sys; subprocess.Popen([sys.executable, '-c', 'while True: pass']).wait()"
+    parent = subprocess.Popen([sys.executable, "-c", spin], start_new_session=True)
     try:
-        probe = ProcessProbe(os.getpid())
-        probe.sample()  # the first sample of a new child reads 0
+        probe = ProcessProbe(parent.pid)
+        deadline = time.time() + 10
+        while probe.sample()["children"] < 1 and time.time() < deadline:
+            time.sleep(0.05)  # the first sample of a new child reads 0
         time.sleep(1.5)
         sample = probe.sample()
         assert sample["children"] == 1 and sample["processes"] == 2
         assert sample["cpu_percent"] > 20, sample  # the child spins on a core (2 cores, shared)
     finally:
-        busy.kill()
-        busy.wait()
+        os.killpg(parent.pid, signal.SIGKILL)
+        parent.wait()
 
 
 def test_adapter_bytes_are_read_under_the_trainer_lock(tmp_path):
