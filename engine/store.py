@@ -43,6 +43,11 @@ class Store:
         conn = sqlite3.connect(str(self.path), check_same_thread=False, timeout=30)
         self.db = sqlite_utils.Database(conn)
         self.db.enable_wal()
+        # WAL + NORMAL: a commit survives the engine being killed (the OS holds it); only a
+        # power cut can lose the newest commits, and recovery then redoes those steps from the
+        # last checkpoint (a checkpoint newer than the newest recorded step is dropped).
+        # FULL would fsync the WAL on every step and every event, on the scheduler's thread.
+        self.db.execute("pragma synchronous = normal")
         self.lock = threading.RLock()
         self.keep_log_events, self.keep_other_events = keep_log_events, keep_other_events
         self.events_added = 0
@@ -100,10 +105,16 @@ class Store:
         return rows
 
     # -- steps, evals, checkpoints ----------------------------------------------------
+    # Hot path (every step, every event): plain prepared statements. sqlite-utils' insert and
+    # update look the table up (columns, primary keys) on every call.
+    _INSERT_STEP = (f"insert into steps ({', '.join(STEP_COLUMNS)}) "
+                    f"values ({', '.join(':' + c for c in STEP_COLUMNS)})")
+
     def record_step(self, row: dict) -> None:
+        values = {name: None for name in STEP_COLUMNS} | row | {"rolled_back": 0}
         with self.lock, self.db.conn:
-            self.db["steps"].insert({**row, "rolled_back": 0})
-            self.db["experiments"].update(row["tenant"], {"step": row["step"]})
+            self.db.execute(self._INSERT_STEP, values)
+            self.db.execute("update experiments set step = ? where id = ?", [row["step"], row["tenant"]])
 
     def record_eval(self, tenant_id: str, step: int, accuracy: float) -> None:
         with self.lock, self.db.conn:
@@ -162,8 +173,8 @@ class Store:
     def add_event(self, seq: int, kind: str, tenant: str | None, data: dict) -> None:
         with self.lock:
             with self.db.conn:
-                self.db["events"].insert({"seq": seq, "time": time.time(), "kind": kind, "tenant": tenant,
-                                          "data": json.dumps(data)})
+                self.db.execute("insert into events (seq, time, kind, tenant, data) values (?, ?, ?, ?, ?)",
+                                [seq, time.time(), kind, tenant, json.dumps(data)])
             self.events_added += 1
             if self.events_added % PRUNE_EVERY == 0:
                 self.prune_events()

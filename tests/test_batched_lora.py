@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 
 from engine import batched_lora
 from engine.config import GrpoSpec, LoraSpec, OptimSpec
-from engine.train.trainer import MultiAdapterTrainer, TrainBatch
+from engine.train.trainer import MultiAdapterTrainer, TrainBatch, prompt_groups
 from tests.modelpaths import model_dir
 
 ADAPTERS = {
@@ -106,3 +106,50 @@ def test_fused_training_in_micro_batches_equals_one_pass(trainer):
         for a, b in zip(one[n], micro[n]):
             assert torch.allclose(a, b, atol=1e-6)
         assert any(not torch.equal(a, s) for a, s in zip(one[n], snapshot[n]))  # it did train
+
+
+def test_shared_prompt_forward_equals_the_full_forward_with_its_gradients(trainer):
+    """Rows of a GRPO group share their prompt pass; log-probs and gradients are the full forward's."""
+    gen = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(3, 40, (n,), generator=gen) for n in (5, 3, 5, 4)]
+    groups = [("r8", 0, 3), ("r8", 1, 2), ("r4", 1, 3), ("__base__", 2, 2), ("r16", 3, 2), ("r8", 0, 1)]
+    width, comp = 5, 4
+    rows, ids, mask = [], [], []
+    for adapter, p, count in groups:
+        for _ in range(count):
+            prompt = prompts[p]
+            row = torch.full((width + comp,), 0, dtype=torch.long)
+            row[width - len(prompt):width] = prompt
+            n = int(torch.randint(1, comp + 1, (1,), generator=gen))
+            row[width:width + n] = torch.randint(3, 40, (n,), generator=gen)
+            m = torch.zeros(width + comp, dtype=torch.long)
+            m[width - len(prompt):width + n] = 1
+            rows.append(adapter), ids.append(row), mask.append(m)
+    ids, mask = torch.stack(ids), torch.stack(mask)
+    cmask = mask[:, width:].float()
+    batch = TrainBatch(input_ids=ids, attention_mask=mask, completion_mask=cmask,
+                       advantages=torch.zeros(len(rows)), prompt_width=width)
+
+    def logp_and_grads(fn):
+        for name in ADAPTERS:
+            trainer.optimizers[name].zero_grad(set_to_none=True)
+        logp = fn()
+        (logp * cmask).sum().backward()
+        return logp.detach(), {n: [p.grad.clone() for p in trainer.parameters(n)] for n in ADAPTERS}
+
+    def full():
+        routing = batched_lora.AdapterRouting(rows, rows, torch.device("cpu"))
+        with batched_lora.routed(routing):
+            logits = trainer.model(input_ids=ids, attention_mask=mask,
+                                   position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+        logp = torch.log_softmax(logits[:, width - 1:-1].float(), -1)
+        return logp.gather(-1, ids[:, width:].unsqueeze(-1)).squeeze(-1)
+
+    slots = batched_lora.AdapterRouting(rows, rows, torch.device("cpu")).index
+    assert len(prompt_groups(slots, ids[:, :width], mask[:, :width])[1]) == len(groups)  # the shared path runs
+    shared_lp, shared_g = logp_and_grads(lambda: trainer.completion_logprobs(rows, batch)[0])
+    full_lp, full_g = logp_and_grads(full)
+    assert torch.allclose(shared_lp * cmask, full_lp * cmask, atol=1e-5)
+    for name in ADAPTERS:
+        for a, b in zip(shared_g[name], full_g[name]):  # the same sums, in another order
+            assert float((a - b).norm() / b.norm()) < 1e-3

@@ -193,16 +193,19 @@ class BatchDecoder:
         requests = [(owner, self.jobs[owner[0]].requests[owner[1]]) for owner in take]
         expanded = [((*owner, k), req) for owner, req in requests for k in range(req.n)]
         device, n = self.device, len(expanded)
-        width = max(len(req.prompt_ids) for _, req in expanded)
-        ids = torch.full((n, width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((n, width), dtype=torch.long)
-        budget = max(req.max_tokens for _, req in expanded)
+        width = max(len(req.prompt_ids) for _, req in requests)
+        # The prompt is prefilled once per request, not once per sample: its n samples
+        # share one prompt, so their KV cache is that row's, repeated (a GRPO group of 8
+        # costs the prefill of 1).
+        ids = torch.full((len(requests), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(requests), width), dtype=torch.long)
+        budget = max(req.max_tokens for _, req in requests)
         uniforms = torch.zeros((n, budget))
         row = 0
-        for _, req in requests:
+        for r, (_, req) in enumerate(requests):
             plen = len(req.prompt_ids)
-            ids[row : row + req.n, width - plen :] = torch.tensor(req.prompt_ids)
-            mask[row : row + req.n, width - plen :] = 1
+            ids[r, width - plen :] = torch.tensor(req.prompt_ids)
+            mask[r, width - plen :] = 1
             if not req.greedy:
                 seed = req.seed if req.seed is not None else 0
                 gen = torch.Generator().manual_seed(seed)
@@ -221,14 +224,21 @@ class BatchDecoder:
             owners=[owner for owner, _ in expanded],
         )
         ids, mask = ids.to(device), mask.to(device)
-        adapters = [req.adapter for _, req in expanded]
-        routing = batched_lora.AdapterRouting(adapters, adapters, device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
-        with batched_lora.routed(routing):
+        prompt_adapters = [req.adapter for _, req in requests]
+        with batched_lora.routed(batched_lora.AdapterRouting(prompt_adapters, prompt_adapters, device)):
             out = self.trainer.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                     past_key_values=cache, use_cache=True)
-        logits = out.logits[:, -1].float()
+                                     past_key_values=cache, use_cache=True, logits_to_keep=1)
+        # Each request's row, once per sample (rows of a request stay contiguous).
+        repeat = torch.repeat_interleave(torch.arange(len(requests), device=device),
+                                         torch.tensor([req.n for _, req in requests], device=device))
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys[repeat], layer.values[repeat]
+        logits = out.logits[:, -1].float()[repeat]
+        mask, positions = mask[repeat], positions[repeat]
+        adapters = [req.adapter for _, req in expanded]
+        routing = batched_lora.AdapterRouting(adapters, adapters, device)
         next_pos = positions[:, -1] + 1
         if self.rows is None:
             self.rows, self.cache, self.mask, self.next_pos, self.logits = new_rows, cache, mask, next_pos, logits

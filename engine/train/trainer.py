@@ -18,6 +18,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import save_file
+from transformers import DynamicCache
 
 from engine import batched_lora
 from engine.config import GrpoSpec, LoraSpec, OptimSpec
@@ -29,6 +30,14 @@ ANCHOR = "__anchor__"  # a rank-1 adapter nobody uses: PEFT needs at least one a
 def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
     """Left-padded rows start their positions at their first real token, as a sampler does."""
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def prompt_groups(slots: torch.Tensor, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
+    """Runs of consecutive rows with the same adapter slot and the same (padded) prompt.
+    Returns (group index of each row [rows], first row of each group [groups])."""
+    key = torch.cat([slots.unsqueeze(1), prompt_ids, prompt_mask], dim=1)
+    _, group_of, counts = torch.unique_consecutive(key, dim=0, return_inverse=True, return_counts=True)
+    return group_of, counts.cumsum(0) - counts
 
 
 @dataclass
@@ -197,20 +206,53 @@ class MultiAdapterTrainer:
     # -- forward ----------------------------------------------------------------
     def completion_logprobs(self, adapter_names: list[str], batch: TrainBatch, with_entropy: bool = False):
         """Per-token log-probs of the completion tokens under each row's adapter
-        ("__base__": no adapter), from one segmented multi-adapter forward."""
+        ("__base__": no adapter), from segmented multi-adapter forwards.
+
+        A GRPO group is many completions of one prompt under one adapter: consecutive rows
+        with the same adapter and the same prompt run the prompt once (its KV cache, with
+        its gradient, is shared by the group's rows through an index), then all rows run
+        their completions against it. Exactly the full forward (tests compare), with a
+        group of 8 paying for 1/8 of its prompt tokens."""
         ids, mask = batch.input_ids.to(self.device), batch.attention_mask.to(self.device)
-        width = batch.completion_mask.shape[1]
+        width, prompt = batch.completion_mask.shape[1], batch.prompt_width
         routing = batched_lora.AdapterRouting(adapter_names, adapter_names, self.device)
-        with batched_lora.routed(routing):
-            # Only the completion positions need logits (a real model's vocabulary is large).
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                             use_cache=False, logits_to_keep=width + 1)
-        logits = out.logits[:, :width].float()
+        group_of, first = prompt_groups(routing.index, ids[:, :prompt], mask[:, :prompt])
+        if prompt == 0 or len(first) == len(adapter_names):  # nothing shared: one plain pass
+            with batched_lora.routed(routing):
+                # Only the completion positions need logits (a real model's vocabulary is large).
+                out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                                 use_cache=False, logits_to_keep=width + 1)
+            logits = out.logits[:, :width].float()
+        else:
+            logits = self._shared_prompt_logits(adapter_names, ids, mask, prompt, width, group_of, first, routing)
         logp_all = torch.log_softmax(logits, dim=-1)
-        targets = ids[:, batch.prompt_width : batch.prompt_width + width]
+        targets = ids[:, prompt : prompt + width]
         logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         entropy = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
         return logp, entropy
+
+    def _shared_prompt_logits(self, adapter_names, ids, mask, prompt, width, group_of, first, routing):
+        """Logits predicting each completion token: the prompt pass once per group, then the
+        completions (all but their last token) against the group's cache."""
+        first_list = first.tolist()
+        group_adapters = [adapter_names[i] for i in first_list]
+        g_mask = mask[first, :prompt]
+        cache = DynamicCache()
+        with batched_lora.routed(batched_lora.AdapterRouting(group_adapters, group_adapters, self.device)):
+            head = self.model(input_ids=ids[first, :prompt], attention_mask=g_mask,
+                              position_ids=position_ids_from_mask(g_mask), past_key_values=cache, use_cache=True,
+                              logits_to_keep=1).logits[:, -1]
+        parts = [head[group_of].unsqueeze(1)]  # predicts completion token 0
+        if width > 1:
+            for layer in cache.layers:  # each row reads its group's prompt keys/values
+                layer.keys, layer.values = layer.keys[group_of], layer.values[group_of]
+            full = mask[:, : prompt + width - 1]
+            with batched_lora.routed(routing):
+                tail = self.model(input_ids=ids[:, prompt : prompt + width - 1], attention_mask=full,
+                                  position_ids=position_ids_from_mask(full)[:, prompt:], past_key_values=cache,
+                                  use_cache=True).logits
+            parts.append(tail)
+        return torch.cat(parts, dim=1).float()
 
     def train_step(self, name: str, batch: TrainBatch, grpo: GrpoSpec, max_tokens: int) -> StepStats:
         """GRPO update of one tenant's adapter: only its optimizer steps. Raises on failure."""
