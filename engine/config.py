@@ -252,6 +252,10 @@ class EngineConfig:
     # Work budget per step of one tenant: prompts_per_step * num_generations * (longest prompt +
     # max_tokens) tokens. The default experiment needs ~1k; a spec above this is refused at submit.
     max_step_tokens: int = DEFAULT_MAX_STEP_TOKENS
+    # Rows trained per scheduler cycle (whole tenants, at least one; 0: every ready tenant).
+    # Bounded groups stagger tenants into cohorts whose reward waits overlap (see
+    # Scheduler.next_train_group); micro-batching inside a group is the trainer's business.
+    train_rows_per_cycle: int = 256
     # One mixed-adapter forward/backward for all tenants' updates (exact, see trainer.train_fused).
     # None = auto: on CUDA, where it amortises kernel launches; not on CPU, where the step is
     # compute-bound and the fused batch only doubles peak memory (measured: bench --serial-train).

@@ -32,6 +32,8 @@ from engine.checkpoint import CheckpointError, dir_bytes, load_checkpoint, prune
 from engine.tenant import FINAL_STATES, TRANSITIONS, Rollouts, State, Tenant
 
 COALESCE_S = 0.1
+REWARD_WAIT_S = 0.02  # a step's reward wait from which training in cohorts pays (see next_train_group)
+DRAIN_STEPS = 16  # decode steps a nearly done batch may take before ready tenants train
 DISK_RETRY_S = 5.0
 
 
@@ -69,6 +71,8 @@ class Scheduler:
         self.scored = threading.Event()  # set by a scoring thread when it finishes
         self.train_clock = 0.0  # seconds this thread spent training (not sampling)
         self.tags = itertools.count(1)
+        self.ready: list[str] = []  # tenants scored and waiting to train, oldest first
+        self.train_rows = engine.config.train_rows_per_cycle
 
     # -- loop -------------------------------------------------------------------------
     def run(self) -> None:
@@ -116,11 +120,10 @@ class Scheduler:
             for tag, result in self.backend.advance():
                 self.rollout_done(tag, result)
             progressed = True
-        ready = self.collect_scored()
-        if ready:
+        self.ready += [t.id for t in self.collect_scored()]
+        if self.ready and self.train_now():
             self.apply_commands()
-            ready = [t for t in ready if t.state == State.RUNNING]
-            self.train(ready)
+            self.train(self.next_train_group())
             progressed = True
         if not progressed:
             # Everyone is waiting on rewards (I/O): sleep until a scorer finishes.
@@ -389,6 +392,40 @@ class Scheduler:
             ready.append(tenant)
         return ready
 
+    def train_now(self) -> bool:
+        """Train the ready tenants now, or first let a batch that is a few decode steps from
+        done finish (DRAIN_STEPS)? Finishing it sends its tenants to their rewards before this
+        thread is tied up training: their reward waits then overlap the training instead of
+        following it. A long batch (a long tenant's rollout) never holds training up."""
+        drain = self.backend.steps_to_drain if self.backend.busy else 0
+        return drain is None or drain == 0 or drain > DRAIN_STEPS
+
+    def next_train_group(self) -> list[Tenant]:
+        """The ready tenants to train this cycle, oldest first. When rewards wait (a judge, a
+        sandbox), at most `train_rows` rows (at least one tenant): the tenants just trained
+        sample while the rest train next, so tenants fall into staggered cohorts and one
+        cohort's reward wait overlaps the others' sampling and training instead of idling the
+        engine for everyone at once."""
+        live = []
+        for tenant_id in dict.fromkeys(self.ready):  # once each, even if re-queued after a resume
+            tenant, work = self.engine.tenants.get(tenant_id), self.work.get(tenant_id)
+            if tenant is None or tenant.state != State.RUNNING or work is None or not work.extra:
+                continue  # paused, killed or failed meanwhile: its work was dropped
+            live.append((tenant, work))
+        # Without reward waits there is nothing to overlap: one group trains (and then samples)
+        # every ready tenant together, the cheapest way on an overhead-bound decoder.
+        cap = self.train_rows if any(w.extra["reward_s"] >= REWARD_WAIT_S for _, w in live) else 0
+        group, rows, waiting = [], 0, []
+        for tenant, work in live:
+            n = work.extra["batch"].input_ids.shape[0]
+            if group and cap and rows + n > cap:
+                waiting.append(tenant.id)
+                continue
+            group.append(tenant)
+            rows += n
+        self.ready = waiting
+        return group
+
     def train(self, tenants: list[Tenant]) -> None:
         """Train every ready tenant (fused where enabled), then sync, record and release them.
         Between a tenant's update and its record no command is applied: an update is
@@ -460,7 +497,9 @@ class Scheduler:
         tenant.ready_since = end
         tenant.set_phase("ready")
         if tenant.id in self.prefetch:  # off-policy: the next step is already sampling
-            self.work[tenant.id] = self.prefetch.pop(tenant.id)
+            promoted = self.work[tenant.id] = self.prefetch.pop(tenant.id)
+            if promoted.future is not None:  # ... or already sampled: sample the one after it
+                self.maybe_prefetch(tenant, promoted)
         if checkpoint_error is not None:
             self.pause_for_disk(tenant, checkpoint_error)
         elif tenant.step >= tenant.spec.steps and not tenant.eval_due():

@@ -77,6 +77,12 @@ class RolloutBackend(ABC):
     def busy(self) -> bool:
         """Jobs are in flight."""
 
+    @property
+    def steps_to_drain(self) -> int | None:
+        """At most how many more `advance()` calls finish every job in flight (None: unknown).
+        The scheduler lets a batch this close to done finish before it trains anyone."""
+        return None
+
     def generate(self, requests: list[SampleRequest]) -> list[list[Completion]]:
         """Completions for every request, in order (blocking; other jobs keep going)."""
         tag = ("generate", object())

@@ -141,6 +141,13 @@ class BatchDecoder:
         return bool(self.jobs)
 
     @property
+    def steps_to_drain(self) -> int:
+        """The most decode steps any row in the batch or waiting to join still has to go."""
+        waiting = max((self.jobs[t].requests[i].max_tokens for t, i in self.pending), default=0)
+        running = int((self.rows.limit - self.rows.count).max()) if self.rows is not None else 0
+        return max(waiting + 1, running) if waiting else running
+
+    @property
     def active_rows(self) -> int:
         return 0 if self.rows is None else len(self.rows.owners)
 

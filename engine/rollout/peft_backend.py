@@ -53,6 +53,10 @@ class PeftRolloutBackend(RolloutBackend):
         return self.decoder.busy
 
     @property
+    def steps_to_drain(self) -> int | None:
+        return self.decoder.steps_to_drain
+
+    @property
     def active_rows(self) -> int:
         return self.decoder.active_rows
 
