@@ -3,12 +3,12 @@
 PEFT's mixed-adapter forward (`adapter_names=[...]`) gathers each adapter's rows by
 Python index lists in every LoRA module. Our batches keep each tenant's rows
 contiguous (a job joins the batch whole, retiring rows keeps the order, training
-batches are concatenated tenant by tenant), so here every LoRA module does one
-matmul pair per contiguous segment on views of the batch, with no copies and no
-per-row work: the SGMV idea of Punica (segmented gather matrix-vector), written with
-torch ops. Ranks and target modules may differ per adapter. The segments are found
-once per batch change (`torch.unique_consecutive`), not per module or per step. The
-computation is differentiable, so training uses the same path.
+batches are concatenated tenant by tenant), so every LoRA module computes all
+adapters of a batch at once: two batched matmuls over a [segments, rows, features]
+view of the batch (the BGMV/SGMV idea of Punica, written with torch ops), A and B
+stacked (zero-padded where ranks differ). Target modules may differ per adapter. The
+segments are found once per batch change (`torch.unique_consecutive`), not per module
+or per step. The computation is differentiable, so training uses the same path.
 
 Invariant: inside `routed(routing)` every LoRA Linear of the model computes
 `base(x) + scale * B @ A @ x` for each row with that row's adapter (none for
@@ -74,25 +74,61 @@ class AdapterRouting:
     # -- the computation ------------------------------------------------------------
     def apply(self, module: LoraLinear, x: torch.Tensor) -> torch.Tensor:
         result = module.base_layer(x)
-        lora_a, lora_b, scaling = module.lora_A, module.lora_B, module.scaling
-        pieces, covered, used = [], 0, False
-        for name, lo, hi in self.segments:
-            if name not in lora_a:
-                continue
+        segments = [(name, lo, hi) for name, lo, hi in self.segments if name in module.lora_A]
+        if not segments:
+            return result
+        pieces, covered = [], 0
+        for lo, hi, part in self._deltas(module, segments, x):
             if lo > covered:
                 pieces.append(result.new_zeros((lo - covered, *result.shape[1:])))
-            a, b = lora_a[name].weight, lora_b[name].weight
-            part = x[lo:hi].to(a.dtype)
-            pieces.append((torch.nn.functional.linear(torch.nn.functional.linear(part, a), b)
-                           * scaling[name]).to(result.dtype))
-            covered, used = hi, True
-        if not used:
-            return result
+            pieces.append(part.to(result.dtype))
+            covered = hi
         if covered < result.shape[0]:
             pieces.append(result.new_zeros((result.shape[0] - covered, *result.shape[1:])))
         # Out of place: autograd keeps the frozen base output out of the graph.
         return result + (torch.cat(pieces) if len(pieces) > 1 else pieces[0])
 
+    @staticmethod
+    def _deltas(module: LoraLinear, segments: list[tuple[str, int, int]], x: torch.Tensor):
+        """(first row, end row, scale * B @ A @ x) spans covering the segments, in order.
+
+        Several adapters go through two batched matmuls over a [segments, rows, features]
+        view (the BGMV/SGMV idea): free when the segments are back to back and equally long
+        (a training batch: every tenant's prompts x samples; a fresh decode batch); ranks
+        may differ (A and B are zero-padded to the largest, which adds nothing and gets no
+        gradient). Ragged segments (rows that stopped have left) are padded when no gradient
+        is needed, and otherwise take the per-segment loop, which is also the reference the
+        batched path is tested against."""
+        lengths = [hi - lo for _, lo, hi in segments]
+        back_to_back = all(a[2] == b[1] for a, b in zip(segments, segments[1:]))
+        even = back_to_back and len(set(lengths)) == 1
+        if len(segments) == 1 or not (even or not torch.is_grad_enabled()):
+            out = []
+            for name, lo, hi in segments:
+                a, b = module.lora_A[name].weight, module.lora_B[name].weight
+                part = torch.nn.functional.linear(torch.nn.functional.linear(x[lo:hi].to(a.dtype), a), b)
+                out.append((lo, hi, part * module.scaling[name]))
+            return out
+        names = [name for name, _, _ in segments]
+        weights_a = [module.lora_A[n].weight for n in names]  # [r, in] each
+        weights_b = [module.lora_B[n].weight.t() for n in names]  # [r, out] each
+        if len({w.shape[0] for w in weights_a}) == 1:
+            a, b = torch.stack(weights_a), torch.stack(weights_b)
+        else:
+            pad = torch.nn.utils.rnn.pad_sequence
+            a, b = pad(weights_a, batch_first=True), pad(weights_b, batch_first=True)
+        scale = torch.tensor([module.scaling[n] for n in names], dtype=a.dtype, device=a.device).view(-1, 1, 1)
+        first, last, count = segments[0][1], segments[-1][2], len(segments)
+        if even:
+            xs = x[first:last].to(a.dtype).reshape(count, -1, x.shape[-1])
+        else:
+            xs = torch.nn.utils.rnn.pad_sequence([x[lo:hi] for _, lo, hi in segments], batch_first=True)
+            xs = xs.to(a.dtype).reshape(count, -1, x.shape[-1])
+        out = torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b) * scale  # [segments, rows * tokens, out]
+        if even:
+            return [(first, last, out.reshape(last - first, *x.shape[1:-1], out.shape[-1]))]
+        out = out.view(count, max(lengths), *x.shape[1:-1], out.shape[-1])
+        return [(lo, hi, out[i, : hi - lo]) for i, (_, lo, hi) in enumerate(segments)]
 
 @contextlib.contextmanager
 def routed(routing: AdapterRouting):

@@ -68,7 +68,8 @@ def test_routed_gradients_equal_each_adapter_alone(trainer):
         own = [i for i, r in enumerate(rows) if r == name]
         alone = grads([name] * len(own), ids[own])
         for g_together, g_alone in zip(together[name], alone[name]):
-            assert torch.allclose(g_together, g_alone, atol=1e-5)
+            # The same sums in another order (batched matmuls): equal to float precision.
+            assert float((g_together - g_alone).norm() / g_alone.norm()) < 1e-4
 
 
 def test_fused_training_in_micro_batches_equals_one_pass(trainer):
@@ -103,8 +104,9 @@ def test_fused_training_in_micro_batches_equals_one_pass(trainer):
         trainer.micro_batch_rows = 1024
     for n in ADAPTERS:
         assert abs(one_stats[n].loss - micro_stats[n].loss) < 1e-6
-        for a, b in zip(one[n], micro[n]):
-            assert torch.allclose(a, b, atol=1e-6)
+        for a, b, s in zip(one[n], micro[n], snapshot[n]):
+            # The two updates agree to float precision (the one pass sums in batched matmuls).
+            assert float((a - b).norm() / (b - s).norm()) < 1e-3
         assert any(not torch.equal(a, s) for a, s in zip(one[n], snapshot[n]))  # it did train
 
 

@@ -32,6 +32,9 @@ def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+_TIER_BOUNDS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384])
+
+
 def prompt_groups(slots: torch.Tensor, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
     """Runs of consecutive rows with the same adapter slot and the same (padded) prompt.
     Returns (group index of each row [rows], first row of each group [groups])."""
@@ -224,35 +227,57 @@ class MultiAdapterTrainer:
                                  use_cache=False, logits_to_keep=width + 1)
             logits = out.logits[:, :width].float()
         else:
-            logits = self._shared_prompt_logits(adapter_names, ids, mask, prompt, width, group_of, first, routing)
+            lengths = batch.completion_mask.to(self.device).sum(1).long()
+            logits = self._shared_prompt_logits(adapter_names, ids, mask, prompt, width, group_of, first, routing,
+                                                lengths)
         logp_all = torch.log_softmax(logits, dim=-1)
         targets = ids[:, prompt : prompt + width]
         logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         entropy = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
         return logp, entropy
 
-    def _shared_prompt_logits(self, adapter_names, ids, mask, prompt, width, group_of, first, routing):
+    def _shared_prompt_logits(self, adapter_names, ids, mask, prompt, width, group_of, first, routing,
+                              lengths):
         """Logits predicting each completion token: the prompt pass once per group, then the
-        completions (all but their last token) against the group's cache."""
-        first_list = first.tolist()
-        group_adapters = [adapter_names[i] for i in first_list]
+        completions (all but their last token) against the group's cache, in length tiers.
+
+        Completions that stop at EOS differ in length; padding all of them to the longest
+        would multiply the tail's tokens (on this CPU compute is linear in tokens). Rows are
+        tiered by completion length (1, 2, 3-4, 5-8, ...), each tier runs at its own width, in
+        the batch's row order, so every adapter's rows stay one contiguous segment."""
+        group_adapters = [adapter_names[i] for i in first.tolist()]
         g_mask = mask[first, :prompt]
-        cache = DynamicCache()
+        prompt_cache = DynamicCache()
         with batched_lora.routed(batched_lora.AdapterRouting(group_adapters, group_adapters, self.device)):
             head = self.model(input_ids=ids[first, :prompt], attention_mask=g_mask,
-                              position_ids=position_ids_from_mask(g_mask), past_key_values=cache, use_cache=True,
-                              logits_to_keep=1).logits[:, -1]
-        parts = [head[group_of].unsqueeze(1)]  # predicts completion token 0
-        if width > 1:
-            for layer in cache.layers:  # each row reads its group's prompt keys/values
-                layer.keys, layer.values = layer.keys[group_of], layer.values[group_of]
-            full = mask[:, : prompt + width - 1]
-            with batched_lora.routed(routing):
-                tail = self.model(input_ids=ids[:, prompt : prompt + width - 1], attention_mask=full,
+                              position_ids=position_ids_from_mask(g_mask), past_key_values=prompt_cache,
+                              use_cache=True, logits_to_keep=1).logits[:, -1]
+        head = head[group_of].unsqueeze(1)  # predicts completion token 0
+        if width == 1:
+            return head.float()
+        tiers = torch.bucketize((lengths - 1).clamp(min=1), _TIER_BOUNDS.to(lengths.device))
+        order, tails = [], []
+        for tier in torch.unique(tiers).tolist():
+            rows = (tiers == tier).nonzero().squeeze(1)
+            w = min(width - 1, int(lengths[rows].max()) - 1) if len(rows) else 0
+            if w < 1:  # one-token completions: the head predicted everything they have
+                tails.append(head.new_zeros((len(rows), width - 1, head.shape[-1])))
+                order.append(rows)
+                continue
+            cache = DynamicCache()
+            for i, layer in enumerate(prompt_cache.layers):  # each row reads its group's prompt
+                cache.update(layer.keys[group_of[rows]], layer.values[group_of[rows]], i)
+            full = mask[rows, : prompt + w]
+            names = [adapter_names[r] for r in rows.tolist()]
+            with batched_lora.routed(batched_lora.AdapterRouting(names, names, self.device)):
+                tail = self.model(input_ids=ids[rows, prompt : prompt + w], attention_mask=full,
                                   position_ids=position_ids_from_mask(full)[:, prompt:], past_key_values=cache,
                                   use_cache=True).logits
-            parts.append(tail)
-        return torch.cat(parts, dim=1).float()
+            tails.append(torch.nn.functional.pad(tail, (0, 0, 0, width - 1 - w)))
+            order.append(rows)
+        order = torch.cat(order)
+        tail = torch.cat(tails)[torch.argsort(order)]
+        return torch.cat([head, tail], dim=1).float()
 
     def train_step(self, name: str, batch: TrainBatch, grpo: GrpoSpec, max_tokens: int) -> StepStats:
         """GRPO update of one tenant's adapter: only its optimizer steps. Raises on failure."""
