@@ -508,8 +508,11 @@ class Chaos:
         return ok, f"{tid} paused {took:.2f} s after the request, mid-rollout of 8 x {LONG_TOKENS} tokens: {t['reason']}"
 
     def case_3d(self):
-        tid = self.long
-        self.call("resume", id=tid)
+        tid = getattr(self, "long", None)
+        if tid is not None and self.get(tid)["state"] == "paused":
+            self.call("resume", id=tid)  # the tenant 3c paused: its long step starts over
+        else:
+            tid = self.submit(long_batch("long-kill"))
         self.wait_phase(tid, "rollout", 1.0)
         took = self.command_latency(tid, "kill", "killed")
         t = self.get(tid)
@@ -574,9 +577,9 @@ class Chaos:
         reason = t["reason"]
         (where / "filler").unlink()
         back = wait(lambda: (lambda t: t if t["state"] == "running" and t["step"] > paused_at else None)(self.get(tid)),
-                    30, 0.2)
+                    60, 0.2)
         if back is None:
-            problems.append("did not resume within 30 s of space returning")
+            problems.append("did not resume within 60 s of space returning")
         elif not any(c["step"] == paused_at for c in back["checkpoints"]):
             problems.append(f"the owed checkpoint of step {paused_at} was not written")
         self.kill_quiet(tid)
@@ -921,7 +924,7 @@ class Chaos:
             ("3b", "prompts_per_step=4096", self.case_3b, True),
             ("3c", "pause during a long batch", self.case_3c, True),
             ("3d", "kill during a long batch", self.case_3d, True),
-            ("4", f"submit-2-then-kill-both cycles", self.case_4, True),
+            ("4", "submit-2-then-kill-both cycles", self.case_4, True),
             ("5a", "disk full during a checkpoint", self.case_5a, True),
             ("5c", "engine start on a full disk", self.case_5c, True),
             ("6", "engine start with a 1777 CLORA_HOME", self.case_6, True),

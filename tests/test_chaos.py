@@ -16,9 +16,10 @@ from tests.daemon_helpers import REPO, pick_model
 
 
 def test_chaos_quick():
+    # About 1.5 minutes on two otherwise idle cores; up to 4 when the machine is busy elsewhere.
     pick_model()  # skips without the embedded model
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "chaos.py"), "--quick"], capture_output=True,
-                          text=True, timeout=420, cwd=str(REPO))
+                          text=True, timeout=600, cwd=str(REPO))
     out = proc.stdout
     table = out[out.index("== chaos"):] if "== chaos" in out else out
     rows = [line for line in table.splitlines() if line.endswith(("| PASS", "| FAIL", "| SKIP"))]
