@@ -291,11 +291,19 @@ class Engine:
             raise EngineError(str(exc)) from None
         return self.submit(spec)
 
-    def _stored(self, tenant_id: str) -> Tenant:
+    def _stored_row(self, tenant_id: str) -> dict:
         for row in self.store.experiments():
             if row["id"] == tenant_id or row["name"] == tenant_id:
-                return Tenant(id=row["id"], spec=parse_spec(row["spec"]), state=State(row["state"]), step=row["step"])
+                return row
         raise EngineError(f"no experiment {tenant_id!r} (see `clora-tui ls`)")
+
+    def _stored(self, tenant_id: str) -> Tenant:
+        row = self._stored_row(tenant_id)
+        try:
+            spec = parse_spec(row["spec"])
+        except SpecError as exc:  # stored by an engine that accepted it; it failed at restore
+            raise EngineError(f"{row['id']}: its stored spec is not valid for this engine ({exc})") from None
+        return Tenant(id=row["id"], spec=spec, state=State(row["state"]), step=row["step"])
 
     def export(self, tenant_id: str, directory: str | Path) -> dict:
         """Write the tenant's adapter as a PEFT directory (live weights, or its last checkpoint)."""
@@ -378,15 +386,21 @@ class Engine:
 
     def get(self, tenant_id: str) -> dict:
         with self.lock:
-            tenant = self.tenants.get(tenant_id) or self._stored(tenant_id)
-        summary = next(r for r in self.list_tenants() if r["id"] == tenant.id)
-        return {**summary, "spec": tenant.spec.to_dict(), "history": self.store.steps(tenant.id),
-                "evals": self.store.evals(tenant.id), "checkpoints": self.store.checkpoints(tenant.id)}
+            tenant = self.tenants.get(tenant_id)
+        if tenant is not None:
+            tid, spec = tenant.id, tenant.spec.to_dict()
+        else:  # not live: its spec as stored (even one this engine refuses, e.g. failed at restore)
+            row = self._stored_row(tenant_id)
+            tid, spec = row["id"], row["spec"]
+        summary = next(r for r in self.list_tenants() if r["id"] == tid)
+        return {**summary, "spec": spec, "history": self.store.steps(tid),
+                "evals": self.store.evals(tid), "checkpoints": self.store.checkpoints(tid)}
 
     def history(self, tenant_id: str, since: int = 0) -> list[dict]:
         with self.lock:
-            tenant = self.tenants.get(tenant_id) or self._stored(tenant_id)
-        return self.store.steps(tenant.id, since=since)
+            tenant = self.tenants.get(tenant_id)
+        tid = tenant.id if tenant is not None else self._stored_row(tenant_id)["id"]
+        return self.store.steps(tid, since=since)
 
     def status(self, system: dict | None = None, tenants: list[dict] | None = None) -> dict:
         counts = collections.Counter(t["state"] for t in (tenants if tenants is not None else self.list_tenants()))

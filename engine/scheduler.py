@@ -529,7 +529,9 @@ class Scheduler:
 
     def pause_for_disk(self, tenant: Tenant, error: CheckpointError) -> None:
         """Keep the adapter in memory, pause, and retry the checkpoint until space returns."""
-        free = shutil.disk_usage(self.engine.checkpoint_root).free if self.engine.checkpoint_root.exists() else 0
+        where = self.engine.checkpoint_root / tenant.id  # may be another filesystem than the root
+        where = where if where.exists() else self.engine.checkpoint_root
+        free = shutil.disk_usage(where).free if where.exists() else 0
         tenant.checkpoint_owed = True
         tenant.paused_from = State.RUNNING
         tenant.set_phase("paused")

@@ -14,7 +14,7 @@ import pytest
 from engine.checkpoint import (CheckpointError, checkpoint_problem, latest_checkpoint, latest_readable_checkpoint,
                                load_checkpoint, save_checkpoint)
 from engine.config import EngineConfig, LoraSpec, OptimSpec, parse_spec
-from engine.core import Engine
+from engine.core import Engine, EngineError
 from engine.tenant import State
 from tests.daemon_helpers import REPO, pick_model
 
@@ -95,6 +95,12 @@ def test_stored_tenant_with_a_refused_spec_fails_cleanly(tmp_path):
         assert rows["e1"]["error"] == "cannot restore: task_args.digits: must be an integer 1..4, got 2.5"
         assert rows["e2"]["state"] == "failed" and "optim.lr" in rows["e2"]["error"]
         assert set(engine.tenants) == {"e3"} and engine.tenants["e3"].state == State.QUEUED
+        # Still shown (`show`, `history`) with its stored spec and the reason; a clone is refused.
+        shown = engine.get("e1")
+        assert shown["state"] == "failed" and shown["spec"]["task_args"] == {"digits": 2.5}
+        assert "task_args.digits" in shown["error"] and engine.history("e1") == []
+        with pytest.raises(EngineError, match="e1: its stored spec is not valid for this engine"):
+            engine.clone("e1")
     finally:
         engine.store.close()
 
