@@ -257,6 +257,7 @@ class EngineConfig:
     # Scheduler.next_train_group); micro-batching inside a group is the trainer's business.
     train_rows_per_cycle: int = 256
     # One mixed-adapter forward/backward for all tenants' updates (exact, see trainer.train_fused).
-    # None = auto: on CUDA, where it amortises kernel launches; not on CPU, where the step is
-    # compute-bound and the fused batch only doubles peak memory (measured: bench --serial-train).
+    # None = auto = fused (micro-batched, so peak memory stays bounded): with the shared prompt
+    # pass and the batched LoRA it halves training time on this CPU too (8 tenants x 64 rows:
+    # 302 ms fused vs 628 ms one tenant at a time, p25); --serial-train turns it off.
     fused_train: bool | None = None
