@@ -152,7 +152,7 @@ class BatchDecoder:
         return 0 if self.rows is None else len(self.rows.owners)
 
     # -- one unit of work -------------------------------------------------------------
-    @torch.no_grad()
+    @torch.inference_mode()  # cheaper dispatch than no_grad; nothing sampled is ever trained through
     def advance(self) -> list[tuple[object, list[list[Completion]]]]:
         """Join waiting rows, draw one token for every row, retire stopped rows, decode the
         rest one position. Returns the jobs that finished, with their completions."""
