@@ -22,7 +22,7 @@ from engine.tasks import Task, make_task
 from engine.tasks.base import Problem
 from engine.tasks.reward_worker import RewardWorker
 from engine.train.grpo import group_advantages
-from engine.train.trainer import TrainBatch
+from engine.train.batch import TrainBatch
 
 
 class State(str, enum.Enum):

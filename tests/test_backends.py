@@ -6,7 +6,7 @@ import torch
 from engine.config import EngineConfig, LoraSpec, OptimSpec, GrpoSpec
 from engine.loading import load_everything
 from engine.rollout.base import SampleRequest
-from engine.train.trainer import TrainBatch
+from engine.train.batch import TrainBatch
 from tests.modelpaths import BACKENDS, model_dir
 
 PROMPTS = ["37+45=", "rev:abcd=", "12+9="]

@@ -7,7 +7,8 @@ from transformers import AutoModelForCausalLM
 
 from engine import batched_lora
 from engine.config import GrpoSpec, LoraSpec, OptimSpec
-from engine.train.trainer import MultiAdapterTrainer, TrainBatch, prompt_groups
+from engine.train.batch import TrainBatch, prompt_groups
+from engine.train.trainer import MultiAdapterTrainer
 from tests.modelpaths import model_dir
 
 ADAPTERS = {
