@@ -34,12 +34,16 @@ __all__ = ["CloraApp", "parse_overrides", "run_app"]
 
 def from_the_link(handler):
     """A handler of the engine link's messages. A message can still arrive while the app shuts
-    down, after its screens are gone; it is dropped then (there is nothing left to show it)."""
+    down, after its screens are gone (or while they are being removed); there is nothing left
+    to show it on then, so it is dropped."""
     @functools.wraps(handler)
     def guarded(self, message):
         if not self.screen_stack:
             return None
-        return handler(self, message)
+        try:
+            return handler(self, message)
+        except NoMatches:  # as in `while_mounted`: only while the dashboard's widgets are removed
+            return None
     return guarded
 
 
