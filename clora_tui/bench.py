@@ -33,15 +33,14 @@ from pathlib import Path
 
 from clora_tui.client import EngineClient
 from clora_tui.launcher import start_daemon, stop_daemon
-
-FINAL_STATES = {"done", "killed", "failed"}
+from engine.protocol import DONE, FINAL_STATES, ROLLOUT_S, TIMING_PARTS, TOTAL_S
 
 REFERENCE = {  # SkyRL concurrent multi-LoRA, one H200, Qwen3-4B-Instruct, GSM8K
     "throughput_gain_n8": 2.81, "best_mean_experiment_time_gain": (1.88, 4), "step_time_n1_s": 191,
     "step_time_n8_s": 500, "rollout_n1_s": 162, "rollout_n8_s": 401, "rollout_overhead_n2": 0.15,
     "final_experiment_time_n8_s": 5433,
 }
-PHASES = ("queue_s", "rollout_s", "reward_s", "train_s", "sync_s", "checkpoint_s")
+PHASES = TIMING_PARTS
 
 
 @dataclass
@@ -170,7 +169,7 @@ def run_engine(cfg: BenchConfig, backend: str, indices: list[int], label: str, s
             stop_daemon(home, say=lambda _message: None)
         finally:
             shutil.rmtree(home, ignore_errors=True)
-    failed = [f"{t}: {d['error']}" for t, d in details.items() if d["state"] != "done"]
+    failed = [f"{t}: {d['error']}" for t, d in details.items() if d["state"] != DONE]
     if failed:
         raise RuntimeError(f"{label}: experiments failed: {failed}")
     steps = [r for t in ids for r in details[t]["history"]]
@@ -178,7 +177,7 @@ def run_engine(cfg: BenchConfig, backend: str, indices: list[int], label: str, s
         "cold_start_s": cold, "wall_s": wall, "experiment_wall_s": walls or None,
         "finish_s": [details[t]["finished"] - submitted for t in ids],
         "steps_done": [len(details[t]["history"]) for t in ids],
-        "step_s": statistics.fmean(r["total_s"] for r in steps),
+        "step_s": statistics.fmean(r[TOTAL_S] for r in steps),
         "phases": {p: statistics.fmean(r[p] for r in steps) for p in PHASES},
         "completion_tokens": sum(r["completion_tokens"] for r in steps),
         "tokens_per_experiment": [sum(r["completion_tokens"] for r in details[t]["history"]) for t in ids],
@@ -197,7 +196,7 @@ def summarise(n: int, concurrent: dict, baselines: dict, rows_per_step: int) -> 
         "n": n, "wall_s": wall, "engine_cold_start_s": cold, "final_experiment_time_s": cold + wall,
         "mean_experiment_time_s": statistics.fmean(cold + f for f in concurrent["finish_s"]),
         "mean_step_s": concurrent["step_s"], "step_breakdown_s": concurrent["phases"],
-        "rollout_s": concurrent["phases"]["rollout_s"], "warmup_s": concurrent["warmup_s"],
+        "rollout_s": concurrent["phases"][ROLLOUT_S], "warmup_s": concurrent["warmup_s"],
         "completion_tokens": concurrent["completion_tokens"],
         "tokens_per_s": concurrent["completion_tokens"] / wall,
         "cpu_cores_used": concurrent["cpu_s"] / wall,

@@ -206,8 +206,9 @@ def cmd_ls(args) -> int:
 
 
 STEP_COLUMNS = [("step", "step"), ("reward_mean", "reward"), ("accuracy", "acc"), ("loss", "loss"),
-                ("grad_norm", "grad"), ("queue_s", "queue s"), ("rollout_s", "rollout s"), ("train_s", "train s"),
-                ("sync_s", "sync s"), ("checkpoint_s", "ckpt s"), ("total_s", "total s")]
+                ("grad_norm", "grad"), (protocol.QUEUE_S, "queue s"), (protocol.ROLLOUT_S, "rollout s"),
+                (protocol.TRAIN_S, "train s"), (protocol.SYNC_S, "sync s"), (protocol.CHECKPOINT_S, "ckpt s"),
+                (protocol.TOTAL_S, "total s")]
 
 
 def cmd_show(args) -> int:

@@ -11,17 +11,23 @@ from __future__ import annotations
 import collections
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
-FINAL_STATES = ("done", "killed", "failed")
-ACTIVE_STATES = ("warming", "running")
+from engine.protocol import (ACTIVE_STATES, DONE, FAILED, FINAL_STATES, KILLED, PAUSED, QUEUED, QUEUE_S, RUNNING,
+                             STALENESS, TIMING_PARTS, TOTAL_S, WARMING)
+
+__all__ = ["ACTIVE_STATES", "FINAL_STATES", "STATE_ORDER", "TIMING_PARTS", "Changes", "FleetModel", "Series",
+           "TenantView", "accuracy_series", "compare_series", "ema", "reward_series", "tenant_colour"]
+
+# How views list tenants by state: the busy ones first.
+STATE_ORDER = (RUNNING, WARMING, QUEUED, PAUSED, DONE, KILLED, FAILED)
 
 # The state that confirms each pending action.
 CONFIRMS = {
-    "pause": ("paused",) + FINAL_STATES,
-    "resume": ("running", "queued", "warming") + FINAL_STATES,
-    "kill": ("killed", "done", "failed"),
-    "start": ("queued", "warming", "running", "paused") + FINAL_STATES,
+    "pause": (PAUSED,) + FINAL_STATES,
+    "resume": (RUNNING, QUEUED, WARMING) + FINAL_STATES,
+    "kill": (KILLED, DONE, FAILED),
+    "start": (QUEUED, WARMING, RUNNING, PAUSED) + FINAL_STATES,
 }
 
 # Tenant colours: stable per tenant (chosen by its number), used in every view.
@@ -29,8 +35,8 @@ PALETTE = (
     "#4e9fff", "#ff8c42", "#3ddc84", "#ff5c8a", "#b48cff",
     "#f2d03b", "#2ec4c4", "#ff6b3d", "#a0d911", "#e07be0",
 )
-
-TIMING_PARTS = ("queue_s", "rollout_s", "reward_s", "train_s", "sync_s", "checkpoint_s")
+SMOOTHED_COLOUR = "#c8c8c8"
+EVAL_COLOUR = "#f2d03b"
 
 
 def tenant_number(tenant_id: str) -> int:
@@ -56,6 +62,18 @@ def ema(values: list[float | None], weight: float = 0.6) -> list[float | None]:
 
 
 @dataclass
+class Series:
+    """One curve of a plot: points (xs, ys) with a label and a colour."""
+
+    label: str
+    xs: list[float]
+    ys: list[float]
+    colour: str
+    marker: str = "braille"
+    scatter: bool = False  # points only (evaluations), not a line
+
+
+@dataclass
 class TenantView:
     """One tenant as the app sees it."""
 
@@ -73,7 +91,7 @@ class TenantView:
 
     @property
     def state(self) -> str:
-        return self.summary.get("state", "queued")
+        return self.summary.get("state", QUEUED)
 
     def rewards(self) -> list[float | None]:
         return [row.get("reward_mean") for row in self.history]
@@ -83,13 +101,24 @@ class TenantView:
         return values[-1] if values else None
 
     def queue_share(self) -> float | None:
-        total = sum(row.get("total_s") or 0.0 for row in self.history)
+        total = sum(row.get(TOTAL_S) or 0.0 for row in self.history)
         if total <= 0:
             return None
-        return sum(row.get("queue_s") or 0.0 for row in self.history) / total
+        return sum(row.get(QUEUE_S) or 0.0 for row in self.history) / total
 
     def last_row(self) -> dict[str, Any]:
         return self.history[-1] if self.history else {}
+
+    def off_policy(self) -> bool | None:
+        """Whether the spec lets sampling run ahead of the last update (None: spec not loaded)."""
+        if not self.spec:
+            return None
+        return bool((self.spec.get("rollout") or {}).get("off_policy_steps"))
+
+    def staleness(self) -> int | None:
+        """The last step's staleness: updates between the weights that sampled it and those it
+        trained (None before the first step, or from an engine that does not record it)."""
+        return self.last_row().get(STALENESS)
 
     def add_step(self, row: dict[str, Any]) -> None:
         step = row.get("step", 0)
@@ -203,7 +232,7 @@ class FleetModel:
         elif tid is not None:
             view = self.tenants.get(tid)
             if view is None:
-                view = self.upsert({"id": tid, "name": data.get("name", tid), "state": data.get("state", "queued")})
+                view = self.upsert({"id": tid, "name": data.get("name", tid), "state": data.get("state", QUEUED)})
                 changes.added.add(tid)
             s = view.summary
             if kind == "state":
@@ -226,7 +255,7 @@ class FleetModel:
                 view.add_step(dict(data))
                 s["step"] = data.get("step", s.get("step"))
                 s["reward"], s["accuracy"] = data.get("reward_mean"), data.get("accuracy")
-                s["step_s"], s["queue_s"] = data.get("total_s"), data.get("queue_s")
+                s["step_s"], s[QUEUE_S] = data.get(TOTAL_S), data.get(QUEUE_S)
                 s["phase"], s["phase_since"] = "ready", event.get("time")
                 changes.histories.add(tid)
             elif kind == "eval":
@@ -235,6 +264,13 @@ class FleetModel:
                 changes.histories.add(tid)
             changes.tenants.add(tid)
         return changes
+
+    def fold(self, events: Iterable[dict[str, Any]]) -> Changes:
+        """Apply a batch of events; what all of them changed, together."""
+        total = Changes()
+        for event in events:
+            total.merge(self.apply(event))
+        return total
 
     def _log_entry(self, entry: dict[str, Any]) -> dict[str, Any]:
         """A log line from a log event, an engine (stage) event, or a flat dict."""
@@ -254,7 +290,7 @@ class FleetModel:
         """A row that shows a start request at once, before the engine has named it."""
         self.placeholders += 1
         pid = f"…{self.placeholders}"
-        self.tenants[pid] = TenantView(id=pid, summary={"id": pid, "name": name, "state": "queued", "step": 0},
+        self.tenants[pid] = TenantView(id=pid, summary={"id": pid, "name": name, "state": QUEUED, "step": 0},
                                        pending="start")
         return pid
 
@@ -273,3 +309,46 @@ class FleetModel:
 
     def ordered(self) -> list[TenantView]:
         return sorted(self.tenants.values(), key=lambda t: (t.id.startswith("…"), tenant_number(t.id), t.id))
+
+
+# -- series for the plots (pure: a view in, curves out) --------------------------------------
+def steps_of(history: list[dict[str, Any]]) -> list[float]:
+    return [float(r.get("step", i + 1)) for i, r in enumerate(history)]
+
+
+def points(label: str, xs: list[float], ys: list[float | None], colour: str, **style: Any) -> Series:
+    """A series of the (x, y) pairs whose y is known."""
+    pairs = [(x, y) for x, y in zip(xs, ys) if y is not None]
+    return Series(label, [p[0] for p in pairs], [p[1] for p in pairs], colour, **style)
+
+
+def reward_series(view: TenantView | None) -> list[Series]:
+    """A tenant's reward per step and its smoothed curve; nothing before its first reward."""
+    if view is None:
+        return []
+    xs, rewards = steps_of(view.history), view.rewards()
+    raw = points("reward", xs, rewards, tenant_colour(view.id))
+    if not raw.xs:
+        return []
+    return [raw, points("smoothed", xs, ema(rewards, 0.6), SMOOTHED_COLOUR)]
+
+
+def accuracy_series(view: TenantView | None) -> list[Series]:
+    """A tenant's training accuracy per step and its evaluations (as dots)."""
+    if view is None:
+        return []
+    train = points("train", steps_of(view.history), [r.get("accuracy") for r in view.history], tenant_colour(view.id))
+    evals = [e for e in view.evals if e.get("accuracy") is not None]
+    dots = Series("eval", [float(e["step"]) for e in evals], [e["accuracy"] for e in evals], EVAL_COLOUR,
+                  marker="dot", scatter=True)
+    return [s for s in (train, dots) if s.xs]
+
+
+def compare_series(model: FleetModel, marked: set[str], weight: float) -> list[Series]:
+    """The rewards of the marked tenants (of every tenant with steps, when none is marked),
+    smoothed with `weight` (0: raw)."""
+    chosen = [model.tenants[t] for t in sorted(marked) if t in model.tenants]
+    if not chosen:
+        chosen = [v for v in model.ordered() if v.history]
+    return [points(view.name, steps_of(view.history), ema(view.rewards(), weight) if weight else view.rewards(),
+                   tenant_colour(view.id)) for view in chosen]

@@ -24,7 +24,6 @@ from typing import Any, Callable
 
 from engine.store import Store
 
-EVENT_KINDS = ("phase", "step", "eval", "state", "system", "log", "engine")
 PERSISTED = {"step", "eval", "state", "log", "engine"}  # phase/system are high-rate and transient
 STORED_FIELDS = {"step": ("step",)}  # kinds whose data lives in a table of its own: keep a reference only
 

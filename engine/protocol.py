@@ -58,6 +58,21 @@ IDEMPOTENT_OPS = {"start", "clone"}
 
 EVENT_KINDS = ("engine", "state", "phase", "step", "eval", "system", "log")
 
+# -- tenant states: the `state` of a tenant summary and of a `state` event ------------------
+QUEUED, WARMING, RUNNING, PAUSED = "queued", "warming", "running", "paused"
+DONE, KILLED, FAILED = "done", "killed", "failed"
+STATES = (QUEUED, WARMING, RUNNING, PAUSED, DONE, KILLED, FAILED)  # in lifecycle order
+FINAL_STATES = (DONE, KILLED, FAILED)  # a tenant in one of these never steps again
+ACTIVE_STATES = (WARMING, RUNNING)  # being prepared or stepping
+
+# -- the timing of one step: fields of a `step` event and of each `history` row -----------
+QUEUE_S, ROLLOUT_S, REWARD_S, TRAIN_S = "queue_s", "rollout_s", "reward_s", "train_s"
+SYNC_S, CHECKPOINT_S, TOTAL_S = "sync_s", "checkpoint_s", "total_s"
+TIMING_PARTS = (QUEUE_S, ROLLOUT_S, REWARD_S, TRAIN_S, SYNC_S, CHECKPOINT_S)  # in order; they add up to TOTAL_S
+# Optimizer updates between the weights that sampled a step and the weights it trained:
+# 0 on-policy, 1 when `rollout.off_policy_steps = 1` let sampling run ahead of the last update.
+STALENESS = "staleness"
+
 
 class ProtocolError(ValueError):
     """A message that breaks the protocol; `code` is one of bad_json, bad_request, unknown_op,

@@ -16,14 +16,15 @@ from typing import Any
 
 import sqlite_utils
 
+from engine import protocol
+
 STEP_COLUMNS = {
     "tenant": str, "step": int, "time": float, "rolled_back": int,
     "reward_mean": float, "reward_std": float, "reward_min": float, "reward_max": float,
     "accuracy": float, "loss": float, "kl": float, "grad_norm": float, "entropy": float,
     "clip_fraction": float, "logprob_diff": float, "completion_tokens": int,
-    "queue_s": float, "rollout_s": float, "reward_s": float, "train_s": float, "sync_s": float,
-    "checkpoint_s": float, "total_s": float,
-    "staleness": int,  # updates between the weights that sampled and the weights trained (0: on-policy)
+    **{name: float for name in (*protocol.TIMING_PARTS, protocol.TOTAL_S)},
+    protocol.STALENESS: int,  # updates between the weights that sampled and the weights trained (0: on-policy)
 }
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from engine import protocol
 from engine.config import ExperimentSpec
 from engine.rollout.base import Completion, SampleRequest
 from engine.tasks import Task, make_task
@@ -26,16 +27,18 @@ from engine.train.batch import TrainBatch
 
 
 class State(str, enum.Enum):
-    QUEUED = "queued"
-    WARMING = "warming"
-    RUNNING = "running"
-    PAUSED = "paused"
-    DONE = "done"
-    KILLED = "killed"
-    FAILED = "failed"
+    """A tenant's state; the values are the protocol's state names."""
+
+    QUEUED = protocol.QUEUED
+    WARMING = protocol.WARMING
+    RUNNING = protocol.RUNNING
+    PAUSED = protocol.PAUSED
+    DONE = protocol.DONE
+    KILLED = protocol.KILLED
+    FAILED = protocol.FAILED
 
 
-FINAL_STATES = {State.DONE, State.KILLED, State.FAILED}
+FINAL_STATES = {State(name) for name in protocol.FINAL_STATES}
 IN_FLIGHT_STATES = {State.WARMING, State.RUNNING, State.PAUSED}  # hold an adapter slot
 
 # Legal transitions; anything else is refused with a reason.
@@ -77,7 +80,7 @@ class Tenant:
     restore_from: Path | None = None  # checkpoint to load when (re)admitted after an engine restart
     warmup_s: float | None = None
     ready_since: float | None = None  # when it last became ready for a rollout (queue wait starts)
-    phase: str = "queued"
+    phase: str = protocol.QUEUED
     phase_since: float = field(default_factory=time.time)
     last_eval_step: int = -1
     paused_from: State | None = None

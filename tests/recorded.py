@@ -25,17 +25,21 @@ TENANTS = [
 ]
 
 
-def spec(name, steps, rank, lr, task):
+OFF_POLICY = {"e2"}  # samples one step ahead of its updates (rollout.off_policy_steps = 1)
+
+
+def spec(name, steps, rank, lr, task, off_policy=False):
     return {"name": name, "task": task, "task_args": {}, "reward": None, "reward_timeout_s": 30.0, "steps": steps,
-            "seed": 0, "checkpoint_every": 5, "eval_every": 5,
+            "seed": 0, "priority": 2.0 if off_policy else 1.0, "checkpoint_every": 5, "eval_every": 5,
             "lora": {"rank": rank, "alpha": 2.0 * rank, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
             "optim": {"lr": lr, "betas": [0.9, 0.99], "weight_decay": 0.0, "grad_clip": 1.0},
-            "rollout": {"prompts_per_step": 8, "num_generations": 8, "max_tokens": 8, "temperature": 1.0, "top_p": 1.0},
+            "rollout": {"prompts_per_step": 8, "num_generations": 8, "max_tokens": 8, "temperature": 1.0, "top_p": 1.0,
+                        "ignore_eos": False, "off_policy_steps": 1 if off_policy else 0},
             "grpo": {"epsilon": 0.2, "epsilon_high": None, "beta": 0.0, "loss_type": "dapo", "scale_rewards": True,
                      "iterations": 1}}
 
 
-def history(rng, steps, start_acc, slope, t_end):
+def history(rng, steps, start_acc, slope, t_end, off_policy=False):
     rows, t = [], t_end - steps * 4.0
     for s in range(1, steps + 1):
         acc = max(0.0, min(1.0, start_acc + slope * (1 - math.exp(-s / 8)) + rng.uniform(-0.06, 0.06)))
@@ -49,7 +53,8 @@ def history(rng, steps, start_acc, slope, t_end):
                      "kl": 0.0, "grad_norm": round(rng.uniform(0.2, 0.9), 4), "entropy": round(rng.uniform(0.8, 1.2), 4),
                      "clip_fraction": 0.0, "logprob_diff": round(rng.uniform(0, 1e-4), 7), "completion_tokens": 256,
                      "queue_s": round(queue, 4), "rollout_s": round(rollout, 4), "reward_s": round(reward, 4),
-                     "train_s": round(train, 4), "sync_s": round(sync, 4), "checkpoint_s": ckpt, "total_s": round(total, 4)})
+                     "train_s": round(train, 4), "sync_s": round(sync, 4), "checkpoint_s": ckpt, "total_s": round(total, 4),
+                     "staleness": 1 if off_policy and s > 1 else 0})  # step 1 has no update to run ahead of
     return rows
 
 
@@ -57,7 +62,7 @@ def recording() -> dict:
     rng = random.Random(7)
     tenants = []
     for i, (tid, name, state, step, steps, rank, lr, task, reason) in enumerate(TENANTS):
-        hist = history(rng, step, 0.25 + 0.05 * i, 0.45 - 0.05 * i, CLOCK - 2.0)
+        hist = history(rng, step, 0.25 + 0.05 * i, 0.45 - 0.05 * i, CLOCK - 2.0, off_policy=tid in OFF_POLICY)
         evals = [{"step": s, "accuracy": round(min(1.0, 0.2 + 0.02 * s + 0.03 * i), 4)} for s in range(0, step + 1, 5)]
         last = hist[-1] if hist else {}
         live = state in ("running", "paused")
@@ -71,7 +76,7 @@ def recording() -> dict:
             "phase": {"running": "train" if tid == "e1" else "rollout"}.get(state, state),
             "phase_since": CLOCK - 1.5 if state == "running" else CLOCK - 30.0,
             "adapter_bytes": rank * 4 * 2 * 64 * 256 * 4 if live else 0,
-            "spec": spec(name, steps, rank, lr, task), "history": hist, "evals": evals, "checkpoints": [],
+            "spec": spec(name, steps, rank, lr, task, off_policy=tid in OFF_POLICY), "history": hist, "evals": evals, "checkpoints": [],
         })
     system = {"time": CLOCK, "process": {"cpu_percent": 187.5, "rss": 1_288_490_188, "peak_rss": 1_395_864_371, "processes": 1},
               "gpus": [], "gpu_error": "no NVIDIA GPU",

@@ -8,7 +8,9 @@ from clora_tui.app import CloraApp, parse_overrides
 from clora_tui.model import FleetModel
 from clora_tui.screens.new_experiment import NewExperimentScreen, field_id
 from clora_tui.source import RecordedSource
+from clora_tui.widgets.spec_view import SpecView
 from clora_tui.widgets.tenant_table import TenantTable
+from clora_tui.widgets.timing_breakdown import TimingBreakdown
 from tests.recorded import recording
 
 pytestmark = pytest.mark.anyio
@@ -29,6 +31,32 @@ async def test_recorded_tenants_fill_the_table_in_id_order():
         table = pilot.app.query_one(TenantTable)
         assert table.order == ["e1", "e2", "e3", "e4", "e5", "e6"]
         assert table.get_cell("e3", "state").plain == "paused"
+
+
+async def test_the_table_shows_the_last_staleness_of_an_off_policy_tenant_and_a_dash_for_the_others():
+    async with recorded_app().run_test(size=(200, 50)) as pilot:
+        await pilot.pause()
+        table = pilot.app.query_one(TenantTable)
+        assert table.get_cell("e2", "off").plain == "1"  # e2 samples one step ahead (rollout.off_policy_steps = 1)
+        assert {table.get_cell(t, "off").plain for t in ("e1", "e3", "e4", "e5", "e6")} == {"–"}
+
+
+async def test_the_timing_tab_shows_the_selected_tenants_staleness():
+    async with recorded_app().run_test(size=(120, 36)) as pilot:
+        await pilot.press("down", "2")
+        await pilot.pause()
+        assert "staleness 1 (sampled 1 update back)" in str(pilot.app.query_one(TimingBreakdown).render())
+        await pilot.press("up")
+        await pilot.pause()
+        assert "staleness 0 (on-policy)" in str(pilot.app.query_one(TimingBreakdown).render())
+
+
+async def test_the_spec_tab_shows_the_priority_and_the_off_policy_setting():
+    async with recorded_app().run_test(size=(120, 36)) as pilot:
+        await pilot.press("down", "4")
+        await pilot.pause()
+        spec = str(pilot.app.query_one(SpecView).query_one("#spec-text").render())
+        assert "priority = 2.0" in spec and "off_policy_steps = 1" in spec
 
 
 async def test_filter_keeps_only_matching_rows_and_escape_restores_them():

@@ -53,11 +53,16 @@ class WarmupScreen(Screen):
     def on_mount(self) -> None:
         self.set_interval(0.25, self.tick)
         self.show_stage(self.stage, None)
+        if self.last_error:
+            self.show_error(self.last_error)
 
     def show_stage(self, stage: str, elapsed_s: float | None) -> None:
+        """Show the engine's stage; before the screen is mounted, only remember it."""
         self.stage = stage or self.stage
         if elapsed_s is not None:
             self.engine_elapsed = elapsed_s
+        if not self.is_mounted:
+            return
         self.query_one("#warmup-stage", Static).update(f"stage: {self.stage}")
         position = STAGES.index(self.stage) if self.stage in STAGES else 1
         self.query_one(ProgressBar).update(progress=position)
@@ -65,6 +70,8 @@ class WarmupScreen(Screen):
 
     def show_error(self, message: str) -> None:
         self.last_error = message
+        if not self.is_mounted:
+            return
         self.query_one("#warmup-stage", Static).update(f"[b red]{message}[/]")
 
     def tick(self) -> None:

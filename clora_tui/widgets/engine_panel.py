@@ -9,6 +9,7 @@ from rich.text import Text
 from textual.widgets import Static
 
 from clora_tui.format import bar, nbytes, secs
+from clora_tui.model import STATE_ORDER
 
 
 class EnginePanel(Static):
@@ -33,7 +34,7 @@ class EnginePanel(Static):
             grid.add_row("slots", Text.assemble(bar(used / total if total else 0, 10), f" {used}/{total} used, {total - used} free"))
         if counts:
             states = Text()
-            for state in ("running", "warming", "queued", "paused", "done", "killed", "failed"):
+            for state in STATE_ORDER:
                 if counts.get(state):
                     states.append(f"{state} {counts[state]}  ", style=colours.get(f"state-{state}", ""))
             grid.add_row("tenants", states)

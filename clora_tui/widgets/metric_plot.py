@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from textual_plotext import PlotextPlot
+
+from clora_tui.model import Series
+
+__all__ = ["MetricPlot", "Series", "rgb"]
 
 
 def rgb(colour: str) -> tuple[int, int, int]:
     colour = colour.lstrip("#")
     return int(colour[0:2], 16), int(colour[2:4], 16), int(colour[4:6], 16)
-
-
-@dataclass
-class Series:
-    label: str
-    xs: list[float]
-    ys: list[float]
-    colour: str
-    marker: str = "braille"
-    scatter: bool = False  # points only (evaluations), not a line
 
 
 class MetricPlot(PlotextPlot):

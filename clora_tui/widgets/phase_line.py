@@ -6,7 +6,7 @@ from rich.text import Text
 from textual.widgets import Static
 
 from clora_tui.format import secs
-from clora_tui.model import TenantView, tenant_colour
+from clora_tui.model import ACTIVE_STATES, TenantView, tenant_colour
 
 
 class PhaseLine(Static):
@@ -33,7 +33,7 @@ class PhaseLine(Static):
         text.append(f"({view.id}) ", style="dim")
         text.append(view.state, style=colours.get(f"state-{view.state}", ""))
         phase, since = s.get("phase"), s.get("phase_since")
-        if view.state in ("running", "warming") and phase:
+        if view.state in ACTIVE_STATES and phase:
             text.append(" · phase ")
             text.append(str(phase), style="bold")
             if since:

@@ -7,6 +7,8 @@ from pathlib import Path
 from rich.text import Text
 from textual.widgets import Static
 
+from clora_tui.model import STATE_ORDER
+
 CONNECTION_STYLES = {"attached": "bold green", "recorded": "bold cyan", "lost": "bold red", "connecting": "bold yellow",
                      "stopped": "bold red"}
 
@@ -30,7 +32,7 @@ class StatusBar(Static):
             text.append(f" │ slots {used}/{total}")
         if counts:
             text.append(" │")
-            for state in ("running", "warming", "queued", "paused", "done", "killed", "failed"):
+            for state in STATE_ORDER:
                 if counts.get(state):
                     text.append(f" {state} {counts[state]}", style=colours.get(f"state-{state}", ""))
         self.update(text)

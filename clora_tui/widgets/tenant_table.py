@@ -7,13 +7,24 @@ from textual.widgets import DataTable
 
 from clora_tui.format import num, nbytes, pct, secs, sparkline
 from clora_tui.model import FleetModel, TenantView, tenant_colour
+from engine.protocol import FAILED, TOTAL_S
 
 COLUMNS = (
     ("name", "Name", 20), ("state", "State", 10), ("step", "Step", 7), ("reward", "Reward", 6),
     ("smooth", "Smooth", 6), ("acc", "Acc", 5), ("trend", "Reward trend", 12), ("step_s", "Step", 6),
     ("queue", "Queue", 5), ("warmup", "Warm-up", 7), ("rank", "Rank", 4), ("mem", "Adapter", 9),
+    ("off", "Off", 3),  # last: a 120-column terminal still shows every column before it
 )
 PENDING_WORDS = {"pause": "pausing…", "resume": "resuming…", "kill": "killing…", "start": "starting…"}
+
+
+def staleness_text(view: TenantView) -> str:
+    """The last step's staleness for a tenant that may sample ahead of its updates; "–" for an
+    on-policy one (when its spec is not loaded yet, a staleness of 0 says nothing either way)."""
+    staleness, off_policy = view.staleness(), view.off_policy()
+    if staleness is None or off_policy is False or (off_policy is None and not staleness):
+        return "–"
+    return str(staleness)
 
 
 def matches(view: TenantView, needle: str) -> bool:
@@ -58,6 +69,12 @@ class TenantTable(DataTable):
                 continue
             self._update_row(view.id, self.cells(view, colours, view.id in marked))
 
+    def forget_rendered(self) -> None:
+        """Make the next `sync` rewrite every cell (the theme, and so the styles, changed)."""
+        self.rendered.clear()
+        for tid in self.order:
+            self.rendered[tid] = {}
+
     # -- internals --------------------------------------------------------------------
     def _reshape(self, ids: list[str], cells: dict[str, dict[str, Text]]) -> None:
         keep = self.selected_id()
@@ -99,7 +116,7 @@ class TenantTable(DataTable):
             state = Text(PENDING_WORDS.get(view.pending, view.pending + "…"), style=f"italic {colours.get('pending', 'yellow')}")
         else:
             st = view.state
-            state = Text(st, style=("bold " if st == "failed" else "") + colours.get(f"state-{st}", ""))
+            state = Text(st, style=("bold " if st == FAILED else "") + colours.get(f"state-{st}", ""))
         step = s.get("step") or 0
         history = view.history
         rewards = view.rewards()
@@ -113,8 +130,9 @@ class TenantTable(DataTable):
             "smooth": Text(num(view.smoothed_reward(), 2), justify="right"),
             "acc": Text(pct(s.get("accuracy")), justify="right"),
             "trend": Text(sparkline(rewards, 12), style=colour),
-            "step_s": Text(secs(s.get("step_s") or (history[-1].get("total_s") if history else None)), justify="right"),
+            "step_s": Text(secs(s.get("step_s") or (history[-1].get(TOTAL_S) if history else None)), justify="right"),
             "queue": Text(pct(view.queue_share()), justify="right"),
+            "off": Text(staleness_text(view), justify="right"),
             "warmup": Text(secs(s.get("warmup_s")), justify="right"),
             "rank": Text(str(rank) if rank is not None else "–", justify="right"),
             "mem": Text(nbytes(s.get("adapter_bytes")), justify="right"),

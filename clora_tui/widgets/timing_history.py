@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from textual_plotext import PlotextPlot
 
-from clora_tui.model import TIMING_PARTS
+from engine.protocol import TIMING_PARTS, TOTAL_S
 from clora_tui.widgets.metric_plot import rgb
 
 PART_COLOURS = ("#8a94a6", "#4e9fff", "#f2d03b", "#ff8c42", "#3ddc84", "#b48cff")
@@ -25,7 +25,7 @@ class TimingHistory(PlotextPlot):
 
     def show(self, history: list[dict]) -> None:
         rows = history[-self.window:]
-        sig = tuple((r.get("step"), r.get("total_s")) for r in rows)
+        sig = tuple((r.get("step"), r.get(TOTAL_S)) for r in rows)
         if sig == self.signature:
             return
         self.signature, self.rows = sig, rows
