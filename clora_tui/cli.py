@@ -94,11 +94,14 @@ def cmd_engine_start(args) -> int:
         raise CliError("--max-loras and --max-lora-rank must be >= 1", EXIT_USAGE)
     if args.max_step_tokens is not None and args.max_step_tokens < 1:
         raise CliError("--max-step-tokens must be >= 1", EXIT_USAGE)
+    if args.http_port is not None and not 0 <= args.http_port <= 65535:
+        raise CliError("--http-port must be a port number (0 turns the HTTP APIs off)", EXIT_USAGE)
     say = (lambda m: print(m, file=sys.stderr)) if args.json else print
     try:
         status = start_daemon(home_of(args), model=args.model, backend=args.backend, max_loras=args.max_loras,
                               max_lora_rank=args.max_lora_rank, wait_ready=not args.no_wait,
-                              timeout=args.timeout, say=say, max_step_tokens=args.max_step_tokens)
+                              timeout=args.timeout, say=say, max_step_tokens=args.max_step_tokens,
+                              http_port=args.http_port)
     except DaemonError as exc:
         raise CliError(str(exc)) from None
     if args.json:
@@ -354,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--max-step-tokens", type=int, default=None, metavar="N",
                        help="refuse experiments whose step samples more than N tokens, prompts x samples x "
                             "(prompt + max_tokens) (default 262144)")
+    start.add_argument("--http-port", type=int, default=None, metavar="N",
+                       help="port of the HTTP APIs on 127.0.0.1 (OpenAI-compatible /v1; default 8473, 0: off)")
     start.add_argument("--no-wait", action="store_true", help="return once the socket answers, before warm-up ends")
     start.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the engine")
     start.add_argument("--json", action="store_true")

@@ -233,6 +233,7 @@ def resolve_relative_paths(spec: ExperimentSpec, base: Path) -> ExperimentSpec:
 
 
 DEFAULT_MAX_STEP_TOKENS = 1 << 18
+DEFAULT_HTTP_PORT = 8473
 
 
 @dataclass
@@ -256,3 +257,5 @@ class EngineConfig:
     # None = auto: on CUDA, where it amortises kernel launches; not on CPU, where the step is
     # compute-bound and the fused batch only doubles peak memory (measured: bench --serial-train).
     fused_train: bool | None = None
+    # The HTTP APIs (OpenAI-compatible /v1) on 127.0.0.1:http_port; 0 turns them off.
+    http_port: int = DEFAULT_HTTP_PORT
