@@ -313,6 +313,30 @@ def cmd_logs(args) -> int:
         client.close()
 
 
+def cmd_chat(args) -> int:
+    from clora_tui.chat import ChatEndpoint, ChatError, chat_loop
+
+    status = call(args, "status")
+    if not status.get("openai_base_url"):
+        raise CliError(status.get("http_error") or "the engine runs without its HTTP API; restart it with "
+                       "`clora-tui engine start --http-port N`")
+    endpoint = ChatEndpoint(status["openai_base_url"], status["api_key"], args.id, args.max_tokens, args.temperature)
+    try:
+        models = endpoint.models()
+    except ChatError as exc:
+        raise CliError(str(exc)) from None
+    card = next((m for m in models if args.id in (m["id"], m.get("name"))), None)
+    if card is None and args.id not in ("base", "__base__"):
+        live = ", ".join(f"{m['id']} ({m.get('name')})" for m in models)
+        raise CliError(f"no live experiment {args.id!r} to chat with; models: {live}")
+    if card is not None:
+        endpoint.model = card["id"]
+    what = f"{endpoint.model} ({card.get('name')}, {card.get('state')})" if card else endpoint.model
+    print(f"chatting with {what} through {status['openai_base_url']}; /reset forgets, /quit (or Ctrl-D) ends")
+    chat_loop(endpoint, args.system, history=not args.no_history)
+    return EXIT_OK
+
+
 def cmd_bench(args) -> int:
     """The benchmark starts and stops engine daemons of its own (fresh CLORA_HOMEs)."""
     from clora_tui.bench import main as bench_main
@@ -401,6 +425,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id")
     p.add_argument("dir")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("chat", help="talk to an experiment's adapter (or `base`) through the OpenAI endpoint")
+    p.add_argument("id", help="experiment id or name, or `base` for the base model")
+    p.add_argument("--system", default=None, help="a system message to start with")
+    p.add_argument("--max-tokens", type=int, default=None, help="longest reply in tokens (default: the context)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy, the adapter's best answer")
+    p.add_argument("--no-history", action="store_true", help="send each message alone (the embedded model "
+                                                               "knows single prompts such as 12+7=)")
+    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("bench", help="concurrent vs one-at-a-time throughput on this machine (see --help)",
                        add_help=False)
