@@ -158,10 +158,9 @@ class OpenAIServing:
             for k, s in enumerate(sampled):
                 yield sse(t.ChatCompletionChunk(**head, choices=[t.ChatChunkChoice(
                     index=k, delta=t.Delta(role="assistant", content=""))]))
+                entries = self.chat_logprobs(s, req.top_logprobs) if req.logprobs else []
                 for j, token in enumerate(s.token_ids):
-                    lp = None
-                    if req.logprobs:
-                        lp = t.ChatLogprobs(content=[self.chat_logprobs(s, req.top_logprobs)[j]])
+                    lp = t.ChatLogprobs(content=[entries[j]]) if req.logprobs else None
                     yield sse(t.ChatCompletionChunk(**head, choices=[t.ChatChunkChoice(
                         index=k, delta=t.Delta(content=s.pieces[j]), logprobs=lp, token_ids=[token])]))
                 yield sse(t.ChatCompletionChunk(**head, choices=[t.ChatChunkChoice(
@@ -220,12 +219,12 @@ class OpenAIServing:
         and the engine's work budget (--max-step-tokens)."""
         longest = max(len(p) for p in prompts)
         context = self.context_length
-        room = (context - longest) if context else MAX_DEFAULT_CHAT_TOKENS
-        if room < 1:
+        room = (context - longest) if context else None
+        if room is not None and room < 1:
             raise ApiError(400, f"the prompt is {longest} tokens; this model's context is {context} tokens",
                            param="messages" if default is None else "prompt", code="context_length_exceeded")
-        value = asked or default or min(room, MAX_DEFAULT_CHAT_TOKENS)
-        if value > room:
+        value = asked or default or min(room or MAX_DEFAULT_CHAT_TOKENS, MAX_DEFAULT_CHAT_TOKENS)
+        if room is not None and value > room:
             raise ApiError(400, f"this model's context is {context} tokens; the prompt is {longest} tokens, so "
                            f"max_tokens can be at most {room} (asked {value})", param="max_tokens",
                            code="context_length_exceeded")
