@@ -39,6 +39,10 @@ class ModelNotReady(EngineError):
     """The model exists but cannot be sampled now (warming up, queued for a slot)."""
 
 
+class EngineWarming(ModelNotReady):
+    """The engine itself is not ready yet (model loading, scheduler not started)."""
+
+
 BASE_ALIASES = ("base", BASE_ADAPTER)
 
 
@@ -365,7 +369,7 @@ class Engine:
         if self.stopping.is_set():
             raise EngineError("the engine is stopping")
         if getattr(self, "scheduler", None) is None:
-            raise ModelNotReady(f"the engine is still warming up ({self.stage}); try again when it is ready")
+            raise EngineWarming(f"the engine is still warming up ({self.stage}); try again when it is ready")
         with self.lock:
             adapter = self.resolve_model(model)
             future = self.external.add(adapter, requests)

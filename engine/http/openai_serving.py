@@ -27,9 +27,8 @@ import secrets
 import time
 import uuid
 from dataclasses import dataclass
-from typing import AsyncIterator
 
-from engine.core import EngineError, ModelNotReady, UnknownModel
+from engine.core import EngineError, EngineWarming, ModelNotReady, UnknownModel
 from engine.external_jobs import SampleRefused
 from engine.http import openai_types as t
 from engine.rollout.base import Completion, SampleRequest
@@ -250,6 +249,8 @@ class OpenAIServing:
             future = self.engine.sample(model, requests)
         except UnknownModel as exc:
             raise ApiError(404, str(exc), code="model_not_found", param="model") from None
+        except EngineWarming as exc:
+            raise ApiError(503, str(exc), "service_unavailable", "engine_not_ready") from None
         except ModelNotReady as exc:
             raise ApiError(409, str(exc), code="model_not_ready", param="model") from None
         except (EngineError, SampleRefused) as exc:
