@@ -94,11 +94,14 @@ def cmd_engine_start(args) -> int:
         raise CliError("--max-loras and --max-lora-rank must be >= 1", EXIT_USAGE)
     if args.max_step_tokens is not None and args.max_step_tokens < 1:
         raise CliError("--max-step-tokens must be >= 1", EXIT_USAGE)
+    if args.http_port is not None and not 0 <= args.http_port <= 65535:
+        raise CliError("--http-port must be a port number (0 turns the HTTP APIs off)", EXIT_USAGE)
     say = (lambda m: print(m, file=sys.stderr)) if args.json else print
     try:
         status = start_daemon(home_of(args), model=args.model, backend=args.backend, max_loras=args.max_loras,
                               max_lora_rank=args.max_lora_rank, wait_ready=not args.no_wait,
-                              timeout=args.timeout, say=say, max_step_tokens=args.max_step_tokens)
+                              timeout=args.timeout, say=say, max_step_tokens=args.max_step_tokens,
+                              http_port=args.http_port)
     except DaemonError as exc:
         raise CliError(str(exc)) from None
     if args.json:
@@ -311,6 +314,30 @@ def cmd_logs(args) -> int:
         client.close()
 
 
+def cmd_chat(args) -> int:
+    from clora_tui.chat import ChatEndpoint, ChatError, chat_loop
+
+    status = call(args, "status")
+    if not status.get("openai_base_url"):
+        raise CliError(status.get("http_error") or "the engine runs without its HTTP API; restart it with "
+                       "`clora-tui engine start --http-port N`")
+    endpoint = ChatEndpoint(status["openai_base_url"], status["api_key"], args.id, args.max_tokens, args.temperature)
+    try:
+        models = endpoint.models()
+    except ChatError as exc:
+        raise CliError(str(exc)) from None
+    card = next((m for m in models if args.id in (m["id"], m.get("name"))), None)
+    if card is None and args.id not in ("base", "__base__"):
+        live = ", ".join(f"{m['id']} ({m.get('name')})" for m in models)
+        raise CliError(f"no live experiment {args.id!r} to chat with; models: {live}")
+    if card is not None:
+        endpoint.model = card["id"]
+    what = f"{endpoint.model} ({card.get('name')}, {card.get('state')})" if card else endpoint.model
+    print(f"chatting with {what} through {status['openai_base_url']}; /reset forgets, /quit (or Ctrl-D) ends")
+    chat_loop(endpoint, args.system, history=not args.no_history)
+    return EXIT_OK
+
+
 def cmd_bench(args) -> int:
     """The benchmark starts and stops engine daemons of its own (fresh CLORA_HOMEs)."""
     from clora_tui.bench import main as bench_main
@@ -355,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--max-step-tokens", type=int, default=None, metavar="N",
                        help="refuse experiments whose step samples more than N tokens, prompts x samples x "
                             "(prompt + max_tokens) (default 262144)")
+    start.add_argument("--http-port", type=int, default=None, metavar="N",
+                       help="port of the HTTP APIs on 127.0.0.1 (OpenAI-compatible /v1; default 8473, 0: off)")
     start.add_argument("--no-wait", action="store_true", help="return once the socket answers, before warm-up ends")
     start.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the engine")
     start.add_argument("--json", action="store_true")
@@ -397,6 +426,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id")
     p.add_argument("dir")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("chat", help="talk to an experiment's adapter (or `base`) through the OpenAI endpoint")
+    p.add_argument("id", help="experiment id or name, or `base` for the base model")
+    p.add_argument("--system", default=None, help="a system message to start with")
+    p.add_argument("--max-tokens", type=int, default=None, help="longest reply in tokens (default: the context)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy, the adapter's best answer")
+    p.add_argument("--no-history", action="store_true", help="send each message alone (the embedded model "
+                                                               "knows single prompts such as 12+7=)")
+    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("bench", help="concurrent vs one-at-a-time throughput on this machine (see --help)",
                        add_help=False)

@@ -49,14 +49,15 @@ def check_model(model: str) -> None:
 def start_daemon(home: Path, model: str = "embedded", backend: str = "auto", max_loras: int = 8,
                  max_lora_rank: int = 64, wait_ready: bool = True, timeout: float = 900.0,
                  say: Callable[[str], None] = print, extra_args: list[str] | None = None,
-                 max_step_tokens: int | None = None) -> dict:
+                 max_step_tokens: int | None = None, http_port: int | None = None) -> dict:
     """Start a detached engine (own session, survives the terminal) and return its status once
     it accepts connections (and, with `wait_ready`, once its warm-up is done). Raises DaemonError
     with a readable message for anything that goes wrong, a full disk or unwritable home included."""
     try:
         return _start_daemon(home, model, backend, max_loras, max_lora_rank, wait_ready, timeout, say,
                              list(extra_args or []) + (["--max-step-tokens", str(max_step_tokens)]
-                                                       if max_step_tokens is not None else []))
+                                                       if max_step_tokens is not None else [])
+                             + (["--http-port", str(http_port)] if http_port is not None else []))
     except OSError as exc:
         raise DaemonError(f"cannot start the engine in {home}: {describe_io_error(exc)}") from None
 

@@ -24,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--max-step-tokens", type=int, default=None,
                        help="largest work of one tenant step, prompts x samples x (prompt + max_tokens) tokens "
                             "(default 262144); bigger specs are refused at submit")
+    serve.add_argument("--http-port", type=int, default=None,
+                       help="port of the HTTP APIs on 127.0.0.1 (OpenAI-compatible /v1; default 8473, 0: off)")
     train = serve.add_mutually_exclusive_group()
     train.add_argument("--fused-train", dest="fused_train", action="store_const", const=True, default=None,
                        help="all tenants' updates in one mixed-adapter forward/backward (default on CUDA)")

@@ -233,6 +233,7 @@ def resolve_relative_paths(spec: ExperimentSpec, base: Path) -> ExperimentSpec:
 
 
 DEFAULT_MAX_STEP_TOKENS = 1 << 18
+DEFAULT_HTTP_PORT = 8473
 
 
 @dataclass
@@ -261,3 +262,5 @@ class EngineConfig:
     # pass and the batched LoRA it halves training time on this CPU too (8 tenants x 64 rows:
     # 302 ms fused vs 628 ms one tenant at a time, p25); --serial-train turns it off.
     fused_train: bool | None = None
+    # The HTTP APIs (OpenAI-compatible /v1) on 127.0.0.1:http_port; 0 turns them off.
+    http_port: int = DEFAULT_HTTP_PORT

@@ -8,6 +8,7 @@ from that one thread. `submit` validates synchronously and refuses bad specs at 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import os
 import shutil
 import threading
@@ -18,6 +19,7 @@ from typing import Any
 from engine.checkpoint import checkpoint_step, checkpoints, latest_readable_checkpoint
 from engine.config import EngineConfig, ExperimentSpec, SpecError, parse_spec
 from engine.events import EventBus
+from engine.external_jobs import BASE_ADAPTER, ExternalJobs
 from engine.store import Store
 from engine.tasks import TaskError
 from engine.telemetry import GpuProbe, ProcessProbe
@@ -27,6 +29,21 @@ from engine.tenant import FINAL_STATES, State, Tenant
 
 class EngineError(ValueError):
     """A request the engine refuses; the message says why."""
+
+
+class UnknownModel(EngineError):
+    """No live tenant (or base model) answers to that name."""
+
+
+class ModelNotReady(EngineError):
+    """The model exists but cannot be sampled now (warming up, queued for a slot)."""
+
+
+class EngineWarming(ModelNotReady):
+    """The engine itself is not ready yet (model loading, scheduler not started)."""
+
+
+BASE_ALIASES = ("base", BASE_ADAPTER)
 
 
 def default_home() -> Path:
@@ -45,6 +62,7 @@ class Engine:
         self.lock = threading.RLock()
         self.wakeup = threading.Condition(self.lock)
         self.commands: collections.deque = collections.deque()
+        self.external = ExternalJobs(self.lock)  # clients' sampling jobs (HTTP APIs)
         self.loaded = None
         self.stage = "created"
         self.created = time.time()
@@ -326,6 +344,58 @@ class Engine:
         except OSError as exc:
             raise EngineError(f"export: cannot write {directory}: {exc}") from None
         return {"id": tenant.id, "path": str(directory), "step": step}
+
+    # -- sampling for clients (the HTTP APIs) -------------------------------------------
+    @property
+    def base_model_id(self) -> str:
+        """The base model's name in the APIs: its directory's name (`embedded` by default)."""
+        return self.loaded.model_path.name if self.loaded is not None else str(self.config.model)
+
+    def resolve_model(self, model: str) -> str:
+        """The adapter that serves `model`: a live tenant's (by id or name), or BASE_ADAPTER.
+        Raises UnknownModel or ModelNotReady with a message saying what to do."""
+        if model == self.base_model_id or model in BASE_ALIASES:
+            return BASE_ADAPTER
+        with self.lock:
+            try:
+                tenant = self._tenant(model)
+            except EngineError:
+                raise UnknownModel(f"the model {model!r} does not exist: use the base model "
+                                   f"{self.base_model_id!r} or a live experiment's id (see GET /v1/models)") from None
+            if tenant.state in FINAL_STATES:
+                raise UnknownModel(f"the model {model!r} is {tenant.id}, which is {tenant.state.value}: its adapter "
+                                   "is no longer loaded (only live experiments can be sampled; export or clone it)")
+            if self.loaded is None or tenant.adapter not in self.loaded.trainer.optimizers:
+                raise ModelNotReady(f"{tenant.id} is {tenant.state.value} ({tenant.reason or 'no adapter yet'}): "
+                                    "its adapter is not loaded yet; try again once it runs")
+            return tenant.adapter
+
+    def sample(self, model: str, requests: list) -> concurrent.futures.Future:
+        """Sample `requests` (engine.rollout.base.SampleRequest) with the adapter `model` names
+        (see resolve_model). The job joins the scheduler's shared batch in its next turn; the
+        future resolves to one list of completions per request, or to SampleRefused."""
+        if self.stopping.is_set():
+            raise EngineError("the engine is stopping")
+        if getattr(self, "scheduler", None) is None:
+            raise EngineWarming(f"the engine is still warming up ({self.stage}); try again when it is ready")
+        with self.lock:
+            adapter = self.resolve_model(model)
+            future = self.external.add(adapter, requests)
+            self.wakeup.notify_all()
+        return future
+
+    def models(self) -> list[dict]:
+        """The base model and every live tenant, as the sampling APIs name them."""
+        created = int(self.ready_at or self.created)
+        rows = [{"id": self.base_model_id, "name": "base model", "state": "ready", "step": None,
+                 "created": created, "adapter": None}]
+        with self.lock:
+            tenants = sorted((t for t in self.tenants.values() if t.state not in FINAL_STATES),
+                             key=lambda t: (t.created, t.id))
+            for t in tenants:
+                rows.append({"id": t.id, "name": t.spec.name, "state": t.state.value, "step": t.step,
+                             "created": int(t.created), "adapter": t.adapter})
+        return rows
 
     # -- queries ----------------------------------------------------------------------
     def summary(self, tenant: Tenant) -> dict:

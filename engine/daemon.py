@@ -180,6 +180,7 @@ def serve(home: Path, config: EngineConfig) -> int:
             engine.events.listeners.append(_print_event)
             server = EngineServer(engine, home, on_shutdown=stop.set)
             server.start()
+            server.http = start_http(engine, server, config.http_port)
         except (OSError, sqlite3.Error) as exc:  # a full disk, a read-only or unwritable home
             print(f"error: cannot start the engine in {home}: {describe_io_error(exc)}", file=sys.stderr, flush=True)
             return 1
@@ -208,6 +209,8 @@ def serve(home: Path, config: EngineConfig) -> int:
         if server.failed:
             time.sleep(1.0)  # let attached clients read why
         engine.shutdown(checkpoint=True)
+        if server.http is not None:
+            server.http.close()
         server.announce_stopped(engine.stopped_event)
         server.close()
         print("engine stopped", flush=True)
@@ -219,6 +222,28 @@ def serve(home: Path, config: EngineConfig) -> int:
         except OSError:
             pass
         os.close(lock_fd)
+
+
+def start_http(engine, server, port: int):
+    """The HTTP APIs beside the socket (None when off). A port in use or a missing package
+    leaves the engine running without them; the reason is logged and shown by `engine status`."""
+    if not port:
+        return None
+    try:
+        from engine.http.server import HttpServer
+
+        http = HttpServer(engine, server.token, port)
+        http.start()
+    except ImportError as exc:
+        server.http_error = f"HTTP API off: {exc} (install fastapi and uvicorn)"
+    except OSError as exc:
+        server.http_error = (f"HTTP API off: cannot listen on 127.0.0.1:{port} ({exc.strerror or exc}); "
+                             "start the engine with another --http-port (0 turns it off)")
+    else:
+        print(f"HTTP API on {http.base_url} (OpenAI-compatible: {http.openai_base_url})", flush=True)
+        return http
+    engine.log(server.http_error, level="warning")
+    return None
 
 
 def describe_io_error(exc: BaseException) -> str:
@@ -250,5 +275,7 @@ def config_from_args(args) -> EngineConfig:
     extra = {}
     if getattr(args, "max_step_tokens", None) is not None:
         extra["max_step_tokens"] = args.max_step_tokens
+    if getattr(args, "http_port", None) is not None:
+        extra["http_port"] = args.http_port
     return EngineConfig(model=args.model, backend=args.backend, max_loras=args.max_loras,
                         max_lora_rank=args.max_lora_rank, fused_train=getattr(args, "fused_train", None), **extra)

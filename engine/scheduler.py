@@ -77,6 +77,7 @@ class Scheduler:
     # -- loop -------------------------------------------------------------------------
     def run(self) -> None:
         engine = self.engine
+        external = engine.external
         idle = True
         try:
             while not engine.stopping.is_set():
@@ -84,11 +85,12 @@ class Scheduler:
                     self.apply_commands()
                     self.admit()
                     self.maybe_sample_system()
+                    external.submit_pending(self.backend, self.adapter_live)  # clients' jobs join the batch
                     running = self.running()
-                    if not running and not self.work:
+                    if not running and not self.work and not self.backend.busy:
                         idle = True
                         with engine.wakeup:
-                            if not engine.commands and not engine.stopping.is_set():
+                            if not engine.commands and not external.waiting and not engine.stopping.is_set():
                                 engine.wakeup.wait(timeout=0.5)
                         continue
                     if idle:
@@ -104,7 +106,12 @@ class Scheduler:
                     engine.log(f"scheduler error: {type(exc).__name__}: {exc}\n{traceback.format_exc()}", level="error")
                     time.sleep(0.5)
         finally:
+            external.fail_all("the engine is stopping")
             self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def adapter_live(self, adapter: str) -> bool:
+        """The adapter can be sampled now (external jobs check this before they join)."""
+        return adapter in self.trainer.optimizers
 
     def running(self) -> list[Tenant]:
         return [t for t in self.engine.tenants.values() if t.state == State.RUNNING]
@@ -167,6 +174,8 @@ class Scheduler:
     def release(self, tenant: Tenant) -> None:
         """Free the adapter in the sampler and in the trainer (memory goes back)."""
         self.drop_work(tenant)
+        self.engine.external.drop_adapter(tenant.adapter, self.backend,
+                                          f"{tenant.id} stopped (killed, failed or done); its adapter is no longer loaded")
         tenant.close()
         for free in (self.backend.remove_adapter, self.trainer.remove_adapter):
             try:
@@ -320,6 +329,8 @@ class Scheduler:
         return None
 
     def rollout_done(self, tag: str, result) -> None:
+        if self.engine.external.done(tag, result):
+            return  # a client's job (engine.external_jobs), not a tenant's step
         found = self._work_for(tag)
         if found is None:
             return  # cancelled meanwhile

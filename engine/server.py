@@ -252,6 +252,8 @@ class EngineServer:
         self.conn_lock = threading.Lock()
         self.listener: socket.socket | None = None
         self.thread: threading.Thread | None = None
+        self.http = None  # engine.http.server.HttpServer, when the HTTP APIs run
+        self.http_error: str | None = None
         self.stopping = threading.Event()
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -401,7 +403,7 @@ class EngineServer:
             return {"engine": "clora", "version": protocol.VERSION, "pid": os.getpid(), "stage": engine.stage}
         if op == "status":
             return {**engine.status(), "ready": self.ready.is_set(), "failed": self.failed,
-                    "socket": str(self.path), "clients": len(self.connections)}
+                    "socket": str(self.path), "clients": len(self.connections), **self.http_status()}
         if op == "list":
             return engine.list_tenants()
         if op == "get":
@@ -427,6 +429,12 @@ class EngineServer:
             threading.Thread(target=self.on_shutdown, name="clora-shutdown", daemon=True).start()
             return {"stopping": True, "pid": os.getpid()}
         raise protocol.ProtocolError("unknown_op", f"unknown op {op!r}")
+
+    def http_status(self) -> dict:
+        """Where the HTTP APIs listen and their key (this socket is owner-only, like the token)."""
+        http = self.http
+        return {"openai_base_url": http.openai_base_url if http else None, "api_key": http.api_key if http else None,
+                "http_error": self.http_error}
 
     def snapshot_and_follow(self):
         """Status, every tenant with its history, the recent log, taken at one sequence number S.

@@ -37,10 +37,11 @@ def cli_env(home: Path) -> dict:
     return env
 
 
-def run_cli(home: Path, *args: str, timeout: float = 300, check: bool = False) -> subprocess.CompletedProcess:
-    """Run `clora-tui ARGS` as its own process against `home`."""
+def run_cli(home: Path, *args: str, timeout: float = 300, check: bool = False,
+            input_text: str | None = None) -> subprocess.CompletedProcess:
+    """Run `clora-tui ARGS` as its own process against `home` (`input_text` on its stdin)."""
     proc = subprocess.run([sys.executable, "-m", "clora_tui.cli", *map(str, args)], env=cli_env(home),
-                          capture_output=True, text=True, timeout=timeout, cwd=str(REPO))
+                          capture_output=True, text=True, timeout=timeout, cwd=str(REPO), input=input_text)
     if check and proc.returncode != 0:
         raise AssertionError(f"clora-tui {' '.join(map(str, args))} failed ({proc.returncode}):\n"
                              f"stdout: {proc.stdout}\nstderr: {proc.stderr}")
@@ -106,8 +107,10 @@ class Daemon:
 
 
 def start_engine(home: Path, model: Path, max_loras: int = 4) -> dict:
+    # HTTP off: test engines must not take the default port (8473) from a real engine.
     return cli_json(home, "engine", "start", "--model", str(model), "--backend", "peft",
-                    "--max-loras", str(max_loras), "--max-lora-rank", str(MAX_LORA_RANK), timeout=600)
+                    "--max-loras", str(max_loras), "--max-lora-rank", str(MAX_LORA_RANK), "--http-port", "0",
+                    timeout=600)
 
 
 def write_spec(directory: Path, name: str, steps: int = 4, **extra) -> Path:

@@ -98,8 +98,10 @@ class VllmRolloutBackend(RolloutBackend):
         for i, req in enumerate(requests):
             rid = f"clora-{self._next_request}"  # outputs and aborts use this external id
             self._next_request += 1
+            # "__base__" (engine.external_jobs.BASE_ADAPTER): the base model, no LoRA.
+            lora = None if req.adapter == "__base__" else self._request(req.adapter)
             engine.add_request(rid, TokensPrompt(prompt_token_ids=list(req.prompt_ids)), self._params(req),
-                               lora_request=self._request(req.adapter))
+                               lora_request=lora)
             job["ids"][rid] = i
             self._owner[rid] = tag
         if not requests:
