@@ -21,20 +21,20 @@ from __future__ import annotations
 
 import concurrent.futures
 import itertools
-import shutil
 import statistics
 import threading
 import time
 import traceback
 from dataclasses import dataclass, field
 
-from engine.checkpoint import CheckpointError, dir_bytes, load_checkpoint, prune_checkpoints, save_checkpoint
-from engine.tenant import FINAL_STATES, TRANSITIONS, Rollouts, State, Tenant
+from engine.scheduler_checkpoints import DISK_RETRY_S, CheckpointKeeping
+from engine.scheduler_lifecycle import TenantLifecycle
+from engine.scoring import score_step
+from engine.tenant import State, Tenant
 
 COALESCE_S = 0.1
 REWARD_WAIT_S = 0.02  # a step's reward wait from which training in cohorts pays (see next_train_group)
 DRAIN_STEPS = 16  # decode steps a nearly done batch may take before ready tenants train
-DISK_RETRY_S = 5.0
 
 
 @dataclass
@@ -53,7 +53,9 @@ class StepWork:
     extra: dict = field(default_factory=dict)
 
 
-class Scheduler:
+class Scheduler(TenantLifecycle, CheckpointKeeping):
+    """The loop and the step pipeline; lifecycle and checkpoints are its two mixins."""
+
     def __init__(self, engine):
         self.engine = engine
         self.loaded = engine.loaded
@@ -145,124 +147,6 @@ class Scheduler:
             self.last_disk_retry = now
             self.retry_disk_paused()
 
-    # -- state changes ----------------------------------------------------------------
-    def set_state(self, tenant: Tenant, state: State, reason: str = "", error: str = "") -> bool:
-        """Apply a legal state change (recorded, then reported); refuse an illegal one."""
-        if state != tenant.state and state not in TRANSITIONS[tenant.state]:
-            self.engine.log(f"{tenant.id}: refused state change {tenant.state.value} -> {state.value} ({reason})",
-                            tenant.id, level="warning")
-            return False
-        tenant.state, tenant.reason = state, reason
-        if error:
-            tenant.error = error
-        fields = {"state": state.value, "reason": reason, "error": tenant.error}
-        if state in FINAL_STATES:
-            fields["finished"] = tenant.finished = time.time()
-            tenant.set_phase(state.value)
-        self.engine.store.update_experiment(tenant.id, **fields)
-        self.engine.events.emit("state", tenant.id, state=state.value, reason=reason, error=tenant.error,
-                                step=tenant.step)
-        return True
-
-    def drop_work(self, tenant: Tenant) -> None:
-        """Abandon the tenant's steps in flight (their sampling rows leave the batch)."""
-        for table in (self.work, self.prefetch):
-            work = table.pop(tenant.id, None)
-            if work is not None:
-                self.backend.cancel(work.tag)
-
-    def release(self, tenant: Tenant) -> None:
-        """Free the adapter in the sampler and in the trainer (memory goes back)."""
-        self.drop_work(tenant)
-        self.engine.external.drop_adapter(tenant.adapter, self.backend,
-                                          f"{tenant.id} stopped (killed, failed or done); its adapter is no longer loaded")
-        tenant.close()
-        for free in (self.backend.remove_adapter, self.trainer.remove_adapter):
-            try:
-                free(tenant.adapter)
-            except Exception as exc:  # noqa: BLE001
-                self.engine.log(f"{tenant.id}: freeing adapter: {exc}", tenant.id, level="warning")
-
-    def fail(self, tenant: Tenant, exc: BaseException | str, where: str) -> None:
-        if tenant.state in FINAL_STATES:
-            return  # killed or done meanwhile: a late error changes nothing
-        message = f"{where}: {exc}" if isinstance(exc, str) else f"{where}: {type(exc).__name__}: {exc}"
-        self.engine.log(f"{tenant.id} failed in {message}", tenant.id, level="error")
-        self.release(tenant)
-        self.set_state(tenant, State.FAILED, reason=f"failed in {where}", error=message)
-
-    def apply_commands(self) -> None:
-        engine = self.engine
-        while True:
-            with engine.lock:
-                if not engine.commands:
-                    return
-                op, tenant_id = engine.commands.popleft()
-                tenant = engine.tenants.get(tenant_id)
-            if tenant is None or tenant.state in FINAL_STATES:
-                continue
-            if op == "kill":
-                self.release(tenant)
-                self.set_state(tenant, State.KILLED, reason="killed by request")
-                engine.log(f"{tenant.id} killed at step {tenant.step}", tenant.id)
-            elif op == "pause" and tenant.state != State.PAUSED:
-                self.drop_work(tenant)  # the step is redone on resume, with the same data
-                tenant.paused_from = tenant.state
-                tenant.set_phase("paused")
-                self.set_state(tenant, State.PAUSED, reason="paused by request")
-            elif op == "resume" and tenant.state == State.PAUSED:
-                self.resume(tenant)
-
-    def resume(self, tenant: Tenant) -> None:
-        has_adapter = tenant.adapter in self.trainer.optimizers
-        if has_adapter and self.in_flight() < self.backend.slots:
-            tenant.ready_since = time.time()
-            tenant.set_phase("ready")
-            self.set_state(tenant, State.RUNNING, reason="")
-        else:
-            tenant.set_phase("queued")
-            self.set_state(tenant, State.QUEUED, reason="waiting for an adapter slot")
-
-    def in_flight(self) -> int:
-        return sum(1 for t in self.engine.tenants.values() if t.state in (State.WARMING, State.RUNNING))
-
-    def admit(self) -> None:
-        """Warm up queued tenants, oldest first, while adapter slots are free."""
-        queued = sorted((t for t in self.engine.tenants.values() if t.state == State.QUEUED),
-                        key=lambda t: (t.created, t.id))
-        for position, tenant in enumerate(queued):
-            if self.in_flight() >= self.backend.slots:
-                reason = f"waiting for an adapter slot ({self.backend.slots} in use, #{position + 1} in line)"
-                if tenant.reason != reason:
-                    tenant.reason = reason
-                    self.engine.store.update_experiment(tenant.id, reason=reason)
-                    self.engine.events.emit("state", tenant.id, state=tenant.state.value, reason=reason, step=tenant.step)
-                continue
-            self.warm(tenant)
-
-    def warm(self, tenant: Tenant) -> None:
-        self.set_state(tenant, State.WARMING, reason="creating adapter")
-        tenant.set_phase("warming")
-        try:
-            if tenant.adapter not in self.trainer.optimizers:
-                spec = tenant.spec
-                self.trainer.add_adapter(tenant.adapter, spec.lora, spec.optim, seed=spec.seed)
-                ckpt = tenant.restore_from
-                if ckpt is not None:
-                    state = load_checkpoint(self.trainer, tenant.adapter, ckpt)
-                    tenant.step = int(state["step"])
-                    self.engine.log(f"{tenant.id} resumed from checkpoint at step {tenant.step}", tenant.id)
-                    tenant.restore_from = None
-                self.backend.add_adapter(tenant.adapter)
-            else:
-                self.backend.sync_adapter(tenant.adapter)
-        except Exception as exc:  # noqa: BLE001
-            self.fail(tenant, exc, "warm-up")
-            return
-        tenant.ready_since = time.time()
-        tenant.set_phase("ready")
-        self.set_state(tenant, State.RUNNING, reason="")
-
     # -- the pipeline -------------------------------------------------------------------
     def phase(self, tenant: Tenant, name: str) -> None:
         tenant.set_phase(name)
@@ -343,39 +227,10 @@ class Scheduler:
         work.rollout_s = max(0.0, wall - (self.train_clock - work.train_clock_start))
         if self.work.get(tenant.id) is work:
             self.phase(tenant, "reward")
-        work.future = self.pool.submit(self.score, tenant, work.plan, result)
+        work.future = self.pool.submit(score_step, tenant, self.tokenizer, work.plan, result)
         work.future.add_done_callback(lambda _f: self.scored.set())
         if self.work.get(tenant.id) is work:
             self.maybe_prefetch(tenant, work)
-
-    def decode(self, completion) -> str:
-        ids = completion.token_ids
-        stops = self.stop_ids
-        cut = next((i for i, t in enumerate(ids) if t in stops), len(ids))
-        return self.tokenizer.decode(ids[:cut], skip_special_tokens=True)
-
-    @property
-    def stop_ids(self) -> set[int]:
-        return {self.tokenizer.eos_token_id}
-
-    def score(self, tenant: Tenant, plan: dict, flat: list) -> dict:
-        """In a pool thread: eval accuracy, rewards, the train batch. Pure of engine state."""
-        out = {"eval_accuracy": None, "batch": None}
-        if plan["eval"]:
-            lo, hi = plan["eval"]
-            out["eval_accuracy"] = tenant.eval_accuracy([self.decode(group[0]) for group in flat[lo:hi]])
-        if not plan["train"]:
-            return out
-        lo, hi = plan["train"]
-        completions = flat[lo:hi]
-        rollouts = Rollouts(plan["problems"], completions, [[self.decode(c) for c in g] for g in completions])
-        t0 = time.time()
-        rewards, correct = tenant.score(rollouts)
-        out["reward_s"] = time.time() - t0
-        batch, sampler_lp = tenant.train_batch(self.tokenizer, rollouts, rewards)
-        has_lp = all(len(c.logprobs) == len(c.token_ids) for g in completions for c in g)
-        out.update(rewards=rewards, correct=correct, batch=batch, sampler_lp=sampler_lp if has_lp else None)
-        return out
 
     def collect_scored(self) -> list[Tenant]:
         """Tenants whose scoring finished: record evals; return those with an update to train."""
@@ -516,62 +371,4 @@ class Scheduler:
         elif tenant.step >= tenant.spec.steps and not tenant.eval_due():
             self.complete(tenant)
 
-    def complete(self, tenant: Tenant) -> None:
-        self.engine.log(f"{tenant.id} done after {tenant.step} steps", tenant.id)
-        self.release(tenant)
-        self.set_state(tenant, State.DONE, reason="finished")
-
     # -- checkpoints and a full disk ---------------------------------------------------------
-    def checkpoint(self, tenant: Tenant) -> tuple[float, CheckpointError | None]:
-        """Write a checkpoint; on failure the previous one stays and the error is returned."""
-        t0 = time.time()
-        root = self.engine.checkpoint_root
-        try:
-            path = save_checkpoint(self.trainer, tenant.id, tenant.step, root, {"tenant": tenant.id,
-                                   "last_eval_step": tenant.last_eval_step})
-        except CheckpointError as exc:
-            self.engine.log(f"{exc}; keeping the previous checkpoint", tenant.id, level="error")
-            return time.time() - t0, exc
-        tenant.checkpoint_owed = False
-        self.engine.store.add_checkpoint(tenant.id, tenant.step, str(path), dir_bytes(path))
-        for step in prune_checkpoints(root, tenant.id):
-            self.engine.store.drop_checkpoint(tenant.id, step)
-        return time.time() - t0, None
-
-    def pause_for_disk(self, tenant: Tenant, error: CheckpointError) -> None:
-        """Keep the adapter in memory, pause, and retry the checkpoint until space returns."""
-        where = self.engine.checkpoint_root / tenant.id  # may be another filesystem than the root
-        where = where if where.exists() else self.engine.checkpoint_root
-        free = shutil.disk_usage(where).free if where.exists() else 0
-        tenant.checkpoint_owed = True
-        tenant.paused_from = State.RUNNING
-        tenant.set_phase("paused")
-        self.set_state(tenant, State.PAUSED, reason=f"disk full: checkpoint of step {tenant.step} failed "
-                       f"({free / 2**20:.0f} MiB free); resumes by itself when space returns")
-
-    def retry_disk_paused(self) -> None:
-        for tenant in list(self.engine.tenants.values()):
-            if tenant.state != State.PAUSED or not getattr(tenant, "checkpoint_owed", False):
-                continue
-            if tenant.adapter not in self.trainer.optimizers:
-                continue
-            _, error = self.checkpoint(tenant)
-            if error is None:
-                self.engine.log(f"{tenant.id}: checkpoint of step {tenant.step} written; resuming", tenant.id)
-                if tenant.step >= tenant.spec.steps and not tenant.eval_due():
-                    self.set_state(tenant, State.RUNNING, reason="")
-                    self.complete(tenant)
-                else:
-                    self.resume(tenant)
-
-    def checkpoint_all(self) -> int:
-        """At shutdown: a checkpoint of every tenant that holds an adapter, at its current
-        step. Returns how many were written."""
-        written = 0
-        for tenant in list(self.engine.tenants.values()):
-            if tenant.state not in FINAL_STATES and tenant.adapter in self.trainer.optimizers and tenant.step > 0:
-                existing = {c["step"] for c in self.engine.store.checkpoints(tenant.id)}
-                if tenant.step not in existing:
-                    _, error = self.checkpoint(tenant)
-                    written += error is None
-        return written
