@@ -20,6 +20,7 @@ from engine.checkpoint import checkpoint_step, checkpoints, latest_readable_chec
 from engine.config import EngineConfig, ExperimentSpec, SpecError, parse_spec
 from engine.events import EventBus
 from engine.external_jobs import BASE_ADAPTER, ExternalJobs
+from engine.protocol import QUEUE_S, TOTAL_S
 from engine.store import Store
 from engine.tasks import TaskError
 from engine.telemetry import GpuProbe, ProcessProbe
@@ -407,8 +408,8 @@ class Engine:
             "id": tenant.id, "name": tenant.spec.name, "state": tenant.state.value, "reason": tenant.reason,
             "error": tenant.error, "step": tenant.step, "steps": tenant.spec.steps, "task": tenant.spec.task,
             "rank": tenant.spec.lora.rank, "reward": last.get("reward_mean"), "accuracy": last.get("accuracy"),
-            "eval_accuracy": evals[-1]["accuracy"] if evals else None, "step_s": last.get("total_s"),
-            "queue_s": last.get("queue_s"), "warmup_s": tenant.warmup_s, "phase": tenant.phase,
+            "eval_accuracy": evals[-1]["accuracy"] if evals else None, "step_s": last.get(TOTAL_S),
+            "queue_s": last.get(QUEUE_S), "warmup_s": tenant.warmup_s, "phase": tenant.phase,
             "phase_since": tenant.phase_since, "adapter_bytes": adapter_bytes, "finished": tenant.finished,
         }
 
@@ -449,8 +450,8 @@ class Engine:
                          "error": row["error"] or "", "step": row["step"], "steps": row["spec"]["steps"],
                          "task": row["spec"]["task"], "rank": row["spec"]["lora"]["rank"],
                          "reward": last.get("reward_mean"), "accuracy": last.get("accuracy"),
-                         "eval_accuracy": evals[-1]["accuracy"] if evals else None, "step_s": last.get("total_s"),
-                         "queue_s": last.get("queue_s"), "warmup_s": row["warmup_s"], "phase": row["state"],
+                         "eval_accuracy": evals[-1]["accuracy"] if evals else None, "step_s": last.get(TOTAL_S),
+                         "queue_s": last.get(QUEUE_S), "warmup_s": row["warmup_s"], "phase": row["state"],
                          "phase_since": row["finished"], "adapter_bytes": 0, "finished": row["finished"]})
         return rows
 

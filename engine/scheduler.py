@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 
 from engine.scheduler_checkpoints import DISK_RETRY_S, CheckpointKeeping
 from engine.scheduler_lifecycle import TenantLifecycle
+from engine.protocol import (CHECKPOINT_S, QUEUE_S, REWARD_S, ROLLOUT_S, STALENESS, SYNC_S, TOTAL_S,
+                             TRAIN_S)
 from engine.scoring import score_step
 from engine.tenant import State, Tenant
 
@@ -349,13 +351,13 @@ class Scheduler(TenantLifecycle, CheckpointKeeping):
             "accuracy": sum(correct) / len(correct), "loss": stats.loss, "kl": stats.kl,
             "grad_norm": stats.grad_norm, "entropy": stats.entropy, "clip_fraction": stats.clip_fraction,
             "logprob_diff": diff, "completion_tokens": int(mask.sum().item()),
-            "rollout_s": work.rollout_s, "reward_s": out["reward_s"], "train_s": train_s, "sync_s": sync_s,
-            "checkpoint_s": checkpoint_s, "total_s": end - ready, "staleness": work.stale,
+            ROLLOUT_S: work.rollout_s, REWARD_S: out["reward_s"], TRAIN_S: train_s, SYNC_S: sync_s,
+            CHECKPOINT_S: checkpoint_s, TOTAL_S: end - ready, STALENESS: work.stale,
         }
         # Queue wait: everything in the step that was not this tenant's own work -- waiting
         # for the batch, for a scoring thread, and for other tenants' training.
         own = work.rollout_s + out["reward_s"] + train_s + sync_s + checkpoint_s
-        row["queue_s"] = max(0.0, row["total_s"] - own)
+        row[QUEUE_S] = max(0.0, row[TOTAL_S] - own)
         self.phase(tenant, "record")
         with engine.events.lock:  # recorded before it is reported, atomically for snapshots
             engine.store.record_step(row)
