@@ -253,10 +253,6 @@ class EngineConfig:
     # Work budget per step of one tenant: prompts_per_step * num_generations * (longest prompt +
     # max_tokens) tokens. The default experiment needs ~1k; a spec above this is refused at submit.
     max_step_tokens: int = DEFAULT_MAX_STEP_TOKENS
-    # Rows trained per scheduler cycle (whole tenants, at least one; 0: every ready tenant).
-    # Bounded groups stagger tenants into cohorts whose reward waits overlap (see
-    # Scheduler.next_train_group); micro-batching inside a group is the trainer's business.
-    train_rows_per_cycle: int = 256
     # One mixed-adapter forward/backward for all tenants' updates (exact, see trainer.train_fused).
     # None = auto = fused (micro-batched, so peak memory stays bounded): with the shared prompt
     # pass and the batched LoRA it halves training time on this CPU too (8 tenants x 64 rows:

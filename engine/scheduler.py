@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import itertools
+import math
 import statistics
 import threading
 import time
@@ -76,7 +77,8 @@ class Scheduler(TenantLifecycle, CheckpointKeeping):
         self.train_clock = 0.0  # seconds this thread spent training (not sampling)
         self.tags = itertools.count(1)
         self.ready: list[str] = []  # tenants scored and waiting to train, oldest first
-        self.train_rows = engine.config.train_rows_per_cycle
+        self.busy_s = 0.0  # seconds this thread spent sampling and training
+        self.steps_trained = 0
 
     # -- loop -------------------------------------------------------------------------
     def run(self) -> None:
@@ -128,7 +130,10 @@ class Scheduler(TenantLifecycle, CheckpointKeeping):
                 self.start_step(tenant)
         progressed = False
         if self.backend.busy:
-            for tag, result in self.backend.advance():
+            t0 = time.time()
+            finished = self.backend.advance()
+            self.busy_s += time.time() - t0
+            for tag, result in finished:
                 self.rollout_done(tag, result)
             progressed = True
         self.ready += [t.id for t in self.collect_scored()]
@@ -270,29 +275,43 @@ class Scheduler(TenantLifecycle, CheckpointKeeping):
 
     def next_train_group(self) -> list[Tenant]:
         """The ready tenants to train this cycle, oldest first. When rewards wait (a judge, a
-        sandbox), at most `train_rows` rows (at least one tenant): the tenants just trained
-        sample while the rest train next, so tenants fall into staggered cohorts and one
-        cohort's reward wait overlaps the others' sampling and training instead of idling the
-        engine for everyone at once."""
+        sandbox), a cohort of them: the tenants just trained sample while the rest train next,
+        so tenants fall into staggered cohorts and each cohort's reward wait is covered by the
+        others' sampling and training instead of idling the engine for everyone at once."""
         live = []
         for tenant_id in dict.fromkeys(self.ready):  # once each, even if re-queued after a resume
             tenant, work = self.engine.tenants.get(tenant_id), self.work.get(tenant_id)
             if tenant is None or tenant.state != State.RUNNING or work is None or not work.extra:
                 continue  # paused, killed or failed meanwhile: its work was dropped
             live.append((tenant, work))
-        # Without reward waits there is nothing to overlap: one group trains (and then samples)
-        # every ready tenant together, the cheapest way on an overhead-bound decoder.
-        cap = self.train_rows if any(w.extra["reward_s"] >= REWARD_WAIT_S for _, w in live) else 0
+        cap = self.cohort_rows(max((w.extra["reward_s"] for _, w in live), default=0.0))
         group, rows, waiting = [], 0, []
         for tenant, work in live:
             n = work.extra["batch"].input_ids.shape[0]
-            if group and cap and rows + n > cap:
+            if group and cap and rows >= cap:
                 waiting.append(tenant.id)
                 continue
             group.append(tenant)
             rows += n
         self.ready = waiting
         return group
+
+    def cohort_rows(self, reward_wait: float) -> int:
+        """Rows per training cohort (0: no cohorts, every ready tenant trains at once).
+
+        With k cohorts, while one waits `reward_wait` for its rewards the other k-1 keep this
+        thread busy for (k-1)/k of a round's work W (every running tenant's step, measured as
+        this thread's busy time per trained step); the wait is covered when
+        W (k-1)/k >= reward_wait, so k = ceil(W / (W - reward_wait)). Without reward waits
+        there is nothing to cover: one group samples and trains together, which is cheapest on
+        an overhead-bound decoder."""
+        running = self.running()
+        if reward_wait < REWARD_WAIT_S or not self.steps_trained or len(running) < 2:
+            return 0
+        work = self.busy_s / self.steps_trained * len(running)
+        cohorts = len(running) if work <= reward_wait else min(len(running), math.ceil(work / (work - reward_wait)))
+        rows = sum(t.spec.rollout.prompts_per_step * t.spec.rollout.num_generations for t in running)
+        return math.ceil(rows / cohorts)
 
     def train(self, tenants: list[Tenant]) -> None:
         """Train every ready tenant (fused where enabled), then sync, record and release them.
@@ -311,6 +330,8 @@ class Scheduler(TenantLifecycle, CheckpointKeeping):
         outcomes = self.trainer.train(work, fused=self.fused)
         train_s = time.time() - t0
         self.train_clock += train_s
+        self.busy_s += train_s
+        self.steps_trained += len(tenants)
         for tenant in tenants:
             step_work = self.work.pop(tenant.id)
             outcome = outcomes[tenant.id]
