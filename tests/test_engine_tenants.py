@@ -7,13 +7,14 @@ import torch
 
 from engine.config import EngineConfig
 from engine.core import Engine, EngineError
+from tests.daemon_helpers import wait_for as wait_until
 from tests.modelpaths import BACKENDS, model_dir, tiny_spec
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
 def engine(request, tmp_path_factory):
-    # Fused multi-tenant training is the CUDA default; exercise it here on the vLLM engine,
-    # and one-at-a-time training (the CPU default) on the PEFT one.
+    # Fused training (the default) runs on the vLLM engine here, one-at-a-time training
+    # (--serial-train) on the PEFT one, so both paths are exercised.
     eng = Engine(EngineConfig(model=model_dir(), backend=request.param, max_loras=4, max_lora_rank=16,
                               vllm_kv_cache_bytes=64 << 20, fused_train=request.param == "vllm"),
                  tmp_path_factory.mktemp(f"home-{request.param}"))
@@ -23,13 +24,7 @@ def engine(request, tmp_path_factory):
 
 
 def wait_for(predicate, timeout=180.0, what="condition"):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+    return wait_until(predicate, timeout=timeout, interval=0.05, what=what)
 
 
 def state(engine, tid):

@@ -8,6 +8,7 @@ import pytest
 
 from engine.config import EngineConfig
 from engine.core import Engine
+from tests.daemon_helpers import wait_for as wait_until
 from tests.modelpaths import model_dir, tiny_spec
 
 
@@ -20,13 +21,8 @@ def engine(tmp_path_factory):
     eng.shutdown()
 
 
-def wait_for(predicate, timeout=120.0, what="condition"):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
+def wait_for(predicate, timeout=180.0, what="condition"):
+    return wait_until(predicate, timeout=timeout, interval=0.02, what=what)
 
 
 def state(engine, tid):
