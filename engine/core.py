@@ -126,9 +126,7 @@ class Engine:
         try:
             self._restore_checkpoint(tenant, state)
         except BaseException:
-            close = getattr(tenant, "close", None)
-            if callable(close):
-                close()
+            tenant.close()  # its reward worker, if one was started
             raise
 
     def _restore_checkpoint(self, tenant: Tenant, state: State) -> None:
@@ -166,43 +164,27 @@ class Engine:
             self.log(f"{tenant.id} restored at step {ckpt_step}" + (f"; {undone} later step(s) rolled back" if undone else ""),
                      tenant.id)
 
-    def shutdown(self, checkpoint: bool = True) -> int | None:
+    def shutdown(self, checkpoint: bool = True) -> int:
         """Stop the loop, checkpoint every tenant holding an adapter, release the backend.
-        Returns how many checkpoints were written (None if that is not known); the last event,
-        a log line `engine stopped; ...`, carries it as `checkpointed`."""
+        Returns how many checkpoints were written; the last event, a log line
+        `engine stopped; ...`, carries it as `checkpointed`."""
         self.stopping.set()
         with self.wakeup:
             self.wakeup.notify_all()
         if self.thread and self.thread is not threading.current_thread():
             self.thread.join(timeout=600)
-        written: int | None = 0
+        written = 0
         if checkpoint and self.loaded is not None and hasattr(self, "scheduler"):
-            before = self._checkpoint_marks()
-            result = self.scheduler.checkpoint_all()
-            if isinstance(result, int) and not isinstance(result, bool):
-                written = result
-            else:  # a scheduler that does not count: compare the checkpoint records
-                try:
-                    after = self._checkpoint_marks()
-                    written = sum(1 for tid, steps in after.items() if steps - before.get(tid, set()))
-                except Exception:  # noqa: BLE001
-                    written = None
+            written = self.scheduler.checkpoint_all()
         self.checkpointed = written
-        if written is None:
-            message = "engine stopped"
-        elif written:
-            message = f"engine stopped; {written} tenant checkpoint(s) written"
-        else:
-            message = "engine stopped; no tenant needed a checkpoint"
+        message = (f"engine stopped; {written} tenant checkpoint(s) written" if written
+                   else "engine stopped; no tenant needed a checkpoint")
         self.stopped_event = self.events.emit("log", None, level="info", message=message, stopped=True,
                                               checkpointed=written)
         if self.loaded is not None:
             self.loaded.backend.close()
         self.store.close()
         return written
-
-    def _checkpoint_marks(self) -> dict[str, set[int]]:
-        return {tid: {c["step"] for c in self.store.checkpoints(tid)} for tid in list(self.tenants)}
 
     def log(self, message: str, tenant: str | None = None, level: str = "info") -> None:
         self.events.emit("log", tenant, level=level, message=message)
