@@ -3,7 +3,8 @@
     rollout (rows join the shared continuous batch; a job is back when its own rows are)
       -> score (rewards, eval, train batch: in a thread pool, user reward code in a
          worker process with its deadline; never on this thread)
-      -> train (all tenants ready at that moment, fused in micro-batches where enabled)
+      -> train (the ready tenants, fused in micro-batches; in staggered cohorts while
+         rewards wait, so one cohort's wait is covered by the others' work)
       -> sync -> record (+ checkpoint) -> the tenant's next rollout joins the batch.
 
 While one tenant's rewards wait on I/O the others keep sampling and training; a short
@@ -13,8 +14,8 @@ raises, hangs or kills its worker, NaN loss, a bad adapter) fails that tenant on
 Commands (pause, kill) act between two decode steps: a tenant's sampling job is
 cancelled and its step is redone on resume (its data and seeds derive from the step).
 Admission control: at most `slots` tenants warming or running; the rest wait queued.
-The tenant state machine (tenant.TRANSITIONS) is enforced here: an illegal change is
-refused and logged, so a kill is never overwritten by a late failure or a late step.
+The tenant state machine (tenant.TRANSITIONS) is enforced by the lifecycle mixin
+(engine.scheduler_lifecycle); checkpoints and a full disk are engine.scheduler_checkpoints'.
 """
 
 from __future__ import annotations
@@ -52,7 +53,6 @@ class StepWork:
     stale: int = 0  # 1: sampled before the previous update was applied (off-policy)
     rollout_s: float = 0.0
     future: concurrent.futures.Future | None = None
-    scored_at: float = 0.0
     extra: dict = field(default_factory=dict)
 
 
@@ -251,7 +251,6 @@ class Scheduler(TenantLifecycle, CheckpointKeeping):
             except Exception as exc:  # noqa: BLE001
                 self.fail(tenant, exc, "reward")
                 continue
-            work.scored_at = time.time()
             if out["eval_accuracy"] is not None:
                 with self.engine.events.lock:
                     self.engine.store.record_eval(tenant.id, tenant.step, out["eval_accuracy"])
