@@ -253,7 +253,7 @@ class EngineConfig:
     # Work budget per step of one tenant: prompts_per_step * num_generations * (longest prompt +
     # max_tokens) tokens. The default experiment needs ~1k; a spec above this is refused at submit.
     max_step_tokens: int = DEFAULT_MAX_STEP_TOKENS
-    # One mixed-adapter forward/backward for all tenants' updates (exact, see trainer.train_fused).
+    # One mixed-adapter forward/backward for all tenants' updates (exact, see MultiAdapterTrainer.train).
     # None = auto = fused (micro-batched, so peak memory stays bounded): with the shared prompt
     # pass and the batched LoRA it halves training time on this CPU too (8 tenants x 64 rows:
     # 302 ms fused vs 628 ms one tenant at a time, p25); --serial-train turns it off.

@@ -147,7 +147,7 @@ def test_fused_update_equals_one_tenant_at_a_time(loaded):
         batch_a = make_batch(loaded, "37+45=", sample(loaded, "a", "37+45=", n=4, seed=1), [1.0, -1.0, 0.5, -0.5])
         batch_b = make_batch(loaded, "sort:3142=", sample(loaded, "b", "sort:3142=", n=3, seed=2), [0.3, -1.0, 0.7])
         grpo_a, grpo_b = GrpoSpec(loss_type="dapo"), GrpoSpec(loss_type="grpo", beta=0.05)
-        fused = trainer.train_fused({"fa": (batch_a, grpo_a, 6), "fb": (batch_b, grpo_b, 6)})
+        fused = trainer.train({"fa": (batch_a, grpo_a, 6), "fb": (batch_b, grpo_b, 6)}, fused=True)
         serial = {"sa": trainer.train_step("sa", batch_a, grpo_a, 6), "sb": trainer.train_step("sb", batch_b, grpo_b, 6)}
         for f, s in (("fa", "sa"), ("fb", "sb")):
             assert fused[f].loss == pytest.approx(serial[s].loss, abs=1e-6)

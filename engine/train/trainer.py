@@ -230,9 +230,6 @@ class MultiAdapterTrainer:
             raise outcome
         return outcome
 
-    def train_fused(self, work: dict[str, tuple[TrainBatch, GrpoSpec, int]]) -> dict:
-        return self.train(work, fused=True)
-
     def train(self, work: dict[str, tuple[TrainBatch, GrpoSpec, int]], fused: bool = True) -> dict:
         """One GRPO update per tenant; returns StepStats, or the exception that fails that
         tenant (the others still step). `fused`: tenants share forward/backward passes in
