@@ -382,8 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--max-step-tokens", type=int, default=None, metavar="N",
                        help="refuse experiments whose step samples more than N tokens, prompts x samples x "
                             "(prompt + max_tokens) (default 262144)")
-    start.add_argument("--http-port", type=int, default=None, metavar="N",
-                       help="port of the HTTP APIs on 127.0.0.1 (OpenAI-compatible /v1; default 8473, 0: off)")
+    start.add_argument("--http-port", "--tinker-port", dest="http_port", type=int, default=None, metavar="N",
+                       help="port of the HTTP APIs on 127.0.0.1 (Tinker /api/v1 and OpenAI-compatible /v1; "
+                            "default 8473, 0: off)")
     start.add_argument("--no-wait", action="store_true", help="return once the socket answers, before warm-up ends")
     start.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the engine")
     start.add_argument("--json", action="store_true")

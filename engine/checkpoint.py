@@ -62,20 +62,30 @@ def checkpoint_step(path: Path) -> int:
 
 def save_checkpoint(trainer: MultiAdapterTrainer, tenant_id: str, step: int, root: Path, extra: dict) -> Path:
     root = Path(root) / tenant_id
-    final, tmp = root / f"step-{step:06d}", root / f"step-{step:06d}.tmp"
+    return write_state(trainer, tenant_id, root / f"step-{step:06d}", {"step": step, **extra},
+                       what=f"checkpoint of {tenant_id} at step {step}")
+
+
+def write_state(trainer: MultiAdapterTrainer, tenant_id: str, final: Path, state: dict, optimizer: bool = True,
+                what: str | None = None) -> Path:
+    """Write the adapter (+ optimizer state) and `state.json` to `final`, atomically (see the
+    module's docstring); raises CheckpointError."""
+    final = Path(final)
+    tmp = final.with_name(final.name + ".tmp")
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         trainer.save_adapter(tenant_id, tmp / "adapter")
-        torch.save(trainer.optimizer_state(tenant_id), tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, "time": time.time(), **extra}))
+        if optimizer:
+            torch.save(trainer.optimizer_state(tenant_id), tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps({"time": time.time(), **state}))
         _fsync_tree(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        _fsync_path(root, directory=True)
+        _fsync_path(final.parent, directory=True)
     except Exception as exc:  # noqa: BLE001 - OSError, RuntimeError (torch), SafetensorError, ...
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"checkpoint of {tenant_id} at step {step} failed: "
+        raise CheckpointError(f"{what or f'saving {tenant_id} to {final}'} failed: "
                               f"{type(exc).__name__}: {exc}") from exc
     return final
 
@@ -90,14 +100,15 @@ def prune_checkpoints(root: Path, tenant_id: str, keep: int = KEEP) -> list[int]
     return removed
 
 
-def load_checkpoint(trainer: MultiAdapterTrainer, tenant_id: str, path: Path) -> dict:
-    """Put a checkpoint's weights and optimizer state into the tenant's (existing) adapter."""
+def load_checkpoint(trainer: MultiAdapterTrainer, tenant_id: str, path: Path, optimizer: bool = True) -> dict:
+    """Put a checkpoint's weights (and optimizer state) into the tenant's (existing) adapter."""
     path = Path(path)
     state = json.loads((path / "state.json").read_text())
     weights = load_file(str(path / "adapter" / ADAPTER_FILE))
     # PEFT directory keys carry no adapter name; set_peft_model_state_dict adds it back.
     trainer.load_adapter_weights(tenant_id, weights)
-    trainer.load_optimizer_state(tenant_id, torch.load(path / "optimizer.pt", weights_only=False))
+    if optimizer:
+        trainer.load_optimizer_state(tenant_id, torch.load(path / "optimizer.pt", weights_only=False))
     return state
 
 

@@ -19,12 +19,14 @@ from typing import Any
 from engine.checkpoint import checkpoint_step, latest_readable_checkpoint
 from engine.config import EngineConfig, ExperimentSpec, SpecError, parse_spec
 from engine.events import EventBus
+from engine.client_jobs import ClientJobError, ClientJobs
 from engine.external_jobs import BASE_ADAPTER, ExternalJobs
 from engine.protocol import QUEUE_S, TOTAL_S
 from engine.restore import TenantRestore
 from engine.store import Store
 from engine.tasks import TaskError
 from engine.telemetry import GpuProbe, ProcessProbe
+from engine.tasks.client import CLIENT_TASK
 from engine.tasks.rewards import RewardError
 from engine.tenant import FINAL_STATES, State, Tenant
 
@@ -65,6 +67,7 @@ class Engine(TenantRestore):
         self.wakeup = threading.Condition(self.lock)
         self.commands: collections.deque = collections.deque()
         self.external = ExternalJobs(self.lock)  # clients' sampling jobs (HTTP APIs)
+        self.client_jobs = ClientJobs(self.lock)  # client tenants' training jobs (the Tinker API)
         self.loaded = None
         self.stage = "created"
         self.created = time.time()
@@ -182,14 +185,21 @@ class Engine(TenantRestore):
                             f"tokens = {eval_rows * per_row:,} tokens, above this engine's max_step_tokens "
                             f"{budget:,}; lower task_args.eval_size or rollout.max_tokens")
 
-    def submit(self, spec: ExperimentSpec | dict) -> dict:
+    def submit(self, spec: ExperimentSpec | dict, client: bool = False, restore_from: Path | None = None,
+               restore_optimizer: bool = True) -> dict:
+        """Queue a tenant. `client`: a client-driven tenant (task "tinker", made by the Tinker
+        API), optionally starting from a saved state."""
         try:
             spec = self.validate(spec)
         except (SpecError, TaskError) as exc:
             raise EngineError(str(exc)) from None
+        if (spec.task == CLIENT_TASK) != client:
+            raise EngineError("task 'tinker' is the task of Tinker training clients: create one with the tinker SDK "
+                              "(see `clora-tui tinker-env`), not with `start`")
         with self.lock:
             number = self.store.next_tenant_number()
-            tenant = Tenant(id=f"e{number}", spec=spec, reason="waiting for an adapter slot")
+            tenant = Tenant(id=f"e{number}", spec=spec, reason="waiting for an adapter slot",
+                            restore_from=restore_from, restore_optimizer=restore_optimizer)
             tenant.load_task()
             tenant.started = time.time()
             self.store.add_experiment(tenant.id, number, spec.name, spec.to_dict(), tenant.state.value)
@@ -219,6 +229,10 @@ class Engine(TenantRestore):
 
     def kill(self, tenant_id: str) -> dict:
         return self._command("kill", tenant_id)
+
+    def finish(self, tenant_id: str) -> dict:
+        """A client tenant's client is done with it (its Tinker session finished): it ends as done."""
+        return self._command("finish", tenant_id)
 
     def clone(self, tenant_id: str, overrides: dict[str, Any] | None = None) -> dict:
         with self.lock:
@@ -304,6 +318,22 @@ class Engine(TenantRestore):
             adapter = self.resolve_model(model)
             future = self.external.add(adapter, requests)
             self.wakeup.notify_all()
+        return future
+
+    def client_job(self, tenant_id: str, kind: str, payload) -> concurrent.futures.Future:
+        """Queue work for a client tenant (engine.client_jobs); raises ClientJobError."""
+        if self.stopping.is_set():
+            raise ClientJobError("the engine is stopping", "server")
+        with self.lock:
+            tenant = self.tenants.get(tenant_id)
+            if tenant is None or tenant.state in FINAL_STATES:
+                state = tenant.state.value if tenant else "gone"
+                raise ClientJobError(f"the training run {tenant_id} is {state}: it takes no more requests")
+            future = self.client_jobs.add(tenant_id, kind, payload)
+            self.wakeup.notify_all()
+        scheduler = getattr(self, "scheduler", None)
+        if scheduler is not None:
+            scheduler.scored.set()  # a cycle waiting on rewards takes it at once
         return future
 
     def models(self) -> list[dict]:

@@ -240,7 +240,7 @@ def start_http(engine, server, port: int):
         server.http_error = (f"HTTP API off: cannot listen on 127.0.0.1:{port} ({exc.strerror or exc}); "
                              "start the engine with another --http-port (0 turns it off)")
     else:
-        print(f"HTTP API on {http.base_url} (OpenAI-compatible: {http.openai_base_url})", flush=True)
+        print(f"HTTP API on {http.base_url} (Tinker: {http.base_url}, OpenAI-compatible: {http.openai_base_url})", flush=True)
         return http
     engine.log(server.http_error, level="warning")
     return None

@@ -15,6 +15,7 @@ import time
 from engine.checkpoint import checkpoint_step, checkpoints, latest_readable_checkpoint
 from engine.config import SpecError, parse_spec
 from engine.tasks import TaskError
+from engine.tasks.client import CLIENT_TASK
 from engine.tenant import FINAL_STATES, State, Tenant
 
 
@@ -40,6 +41,12 @@ class TenantRestore:
 
     def _restore_one(self, row: dict, state: State) -> None:
         spec = parse_spec(row["spec"])
+        if spec.task == CLIENT_TASK:
+            # Its client's session died with the engine; what it saved (save_state) is on disk,
+            # and a client resumes from there with create_training_client_from_state.
+            self.store.update_experiment(row["id"], state=State.DONE.value, finished=time.time(),
+                                         reason="its Tinker session ended when the engine stopped")
+            return
         tenant = Tenant(id=row["id"], spec=spec, created=row["created"])
         tenant.load_task()
         try:

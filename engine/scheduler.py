@@ -29,6 +29,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 
+from engine.client_jobs import ClientWork
 from engine.scheduler_checkpoints import DISK_RETRY_S, CheckpointKeeping
 from engine.scheduler_lifecycle import TenantLifecycle
 from engine.protocol import (CHECKPOINT_S, QUEUE_S, REWARD_S, ROLLOUT_S, STALENESS, SYNC_S, TOTAL_S,
@@ -56,8 +57,9 @@ class StepWork:
     extra: dict = field(default_factory=dict)
 
 
-class Scheduler(TenantLifecycle, CheckpointKeeping):
-    """The loop and the step pipeline; lifecycle and checkpoints are its two mixins."""
+class Scheduler(TenantLifecycle, CheckpointKeeping, ClientWork):
+    """The loop and the step pipeline; lifecycle, checkpoints and client tenants' work
+    (engine.client_jobs) are its mixins."""
 
     def __init__(self, engine):
         self.engine = engine
@@ -93,13 +95,15 @@ class Scheduler(TenantLifecycle, CheckpointKeeping):
                     self.maybe_sample_system()
                     external.submit_pending(self.backend, self.adapter_live)  # clients' jobs join the batch
                     running = self.running()
-                    if not running and not self.work and not self.backend.busy:
+                    own = [t for t in running if not t.client_driven]  # client tenants step when asked
+                    if not own and not self.work and not self.backend.busy and not self.client_jobs_runnable():
                         idle = True
                         with engine.wakeup:
-                            if not engine.commands and not external.waiting and not engine.stopping.is_set():
+                            if (not engine.commands and not external.waiting and not self.client_jobs_runnable()
+                                    and not engine.stopping.is_set()):
                                 engine.wakeup.wait(timeout=0.5)
                         continue
-                    if idle:
+                    if idle and any(t.state == State.QUEUED for t in engine.tenants.values()):
                         # Waking from idle: experiments submitted together (a sweep) should
                         # share the first batch rather than start one behind the other.
                         idle = False
@@ -113,6 +117,7 @@ class Scheduler(TenantLifecycle, CheckpointKeeping):
                     time.sleep(0.5)
         finally:
             external.fail_all("the engine is stopping")
+            engine.client_jobs.fail_all("the engine is stopping")
             self.pool.shutdown(wait=False, cancel_futures=True)
 
     def adapter_live(self, adapter: str) -> bool:
@@ -126,7 +131,7 @@ class Scheduler(TenantLifecycle, CheckpointKeeping):
         """One turn of the pipeline: start steps, one decode step, collect scores, train."""
         self.scored.clear()  # a scorer finishing from here on wakes the wait below
         for tenant in running:
-            if tenant.id not in self.work:
+            if tenant.id not in self.work and not tenant.client_driven:
                 self.start_step(tenant)
         progressed = False
         if self.backend.busy:
@@ -137,9 +142,15 @@ class Scheduler(TenantLifecycle, CheckpointKeeping):
                 self.rollout_done(tag, result)
             progressed = True
         self.ready += [t.id for t in self.collect_scored()]
-        if self.ready and self.train_now():
+        train_ready = bool(self.ready) and self.train_now()
+        if train_ready:
             self.apply_commands()
-            self.train(self.next_train_group())
+        group = self.next_train_group() if train_ready else []
+        passes = self.take_client_passes()  # client tenants' forward_backward: in the same fused pass
+        if group or passes:
+            self.train(group, passes)
+            progressed = True
+        if self.run_client_calls():
             progressed = True
         if not progressed:
             # Everyone is waiting on rewards (I/O): sleep until a scorer finishes.
@@ -312,11 +323,12 @@ class Scheduler(TenantLifecycle, CheckpointKeeping):
         rows = sum(t.spec.rollout.prompts_per_step * t.spec.rollout.num_generations for t in running)
         return math.ceil(rows / cohorts)
 
-    def train(self, tenants: list[Tenant]) -> None:
-        """Train every ready tenant (fused where enabled), then sync, record and release them.
-        Between a tenant's update and its record no command is applied: an update is
-        always synced, counted and recorded, or the tenant fails."""
-        if not tenants:
+    def train(self, tenants: list[Tenant], passes: dict | None = None) -> None:
+        """Train every ready tenant (fused where enabled) with the client tenants' passes, then
+        sync, record and release them. Between a tenant's update and its record no command is
+        applied: an update is always synced, counted and recorded, or the tenant fails."""
+        passes = passes or {}
+        if not tenants and not passes:
             return
         for tenant in tenants:
             self.phase(tenant, "train")
@@ -326,11 +338,12 @@ class Scheduler(TenantLifecycle, CheckpointKeeping):
                 step_work.extra["batch"].behavior_logprobs = step_work.extra["sampler_lp"]
         work = {t.id: (self.work[t.id].extra["batch"], t.spec.grpo, t.spec.rollout.max_tokens) for t in tenants}
         t0 = time.time()
-        outcomes = self.trainer.train(work, fused=self.fused)
+        outcomes = self.trainer.train(work, fused=self.fused, passes={k: p for k, (p, _) in passes.items()})
         train_s = time.time() - t0
         self.train_clock += train_s
         self.busy_s += train_s
         self.steps_trained += len(tenants)
+        self.finish_client_passes(passes, outcomes, train_s)
         for tenant in tenants:
             step_work = self.work.pop(tenant.id)
             outcome = outcomes[tenant.id]

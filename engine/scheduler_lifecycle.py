@@ -48,6 +48,8 @@ class TenantLifecycle:
         self.drop_work(tenant)
         self.engine.external.drop_adapter(tenant.adapter, self.backend,
                                           f"{tenant.id} stopped (killed, failed or done); its adapter is no longer loaded")
+        self.engine.client_jobs.fail_tenant(tenant.id, f"{tenant.id} stopped ({tenant.reason or 'killed, failed or done'}); "
+                                            "its training run is over")
         tenant.close()
         for free in (self.backend.remove_adapter, self.trainer.remove_adapter):
             try:
@@ -77,6 +79,10 @@ class TenantLifecycle:
                 self.release(tenant)
                 self.set_state(tenant, State.KILLED, reason="killed by request")
                 engine.log(f"{tenant.id} killed at step {tenant.step}", tenant.id)
+            elif op == "finish":
+                self.release(tenant)
+                self.set_state(tenant, State.DONE, reason="its Tinker session finished")
+                engine.log(f"{tenant.id} done after {tenant.step} steps (its client finished)", tenant.id)
             elif op == "pause" and tenant.state != State.PAUSED:
                 self.drop_work(tenant)  # the step is redone on resume, with the same data
                 tenant.paused_from = tenant.state
@@ -121,7 +127,7 @@ class TenantLifecycle:
                 self.trainer.add_adapter(tenant.adapter, spec.lora, spec.optim, seed=spec.seed)
                 ckpt = tenant.restore_from
                 if ckpt is not None:
-                    state = load_checkpoint(self.trainer, tenant.adapter, ckpt)
+                    state = load_checkpoint(self.trainer, tenant.adapter, ckpt, optimizer=tenant.restore_optimizer)
                     tenant.step = int(state["step"])
                     self.engine.log(f"{tenant.id} resumed from checkpoint at step {tenant.step}", tenant.id)
                     tenant.restore_from = None

@@ -261,7 +261,8 @@ class EngineServer:
     def http_status(self) -> dict:
         """Where the HTTP APIs listen and their key (this socket is owner-only, like the token)."""
         http = self.http
-        return {"openai_base_url": http.openai_base_url if http else None, "api_key": http.api_key if http else None,
+        return {"openai_base_url": http.openai_base_url if http else None, "tinker_url": http.base_url if http else None,
+                "api_key": http.api_key if http else None,
                 "http_error": self.http_error}
 
     def snapshot_and_follow(self):

@@ -21,6 +21,7 @@ from engine.config import ExperimentSpec
 from engine.rollout.base import Completion, SampleRequest
 from engine.tasks import Task, make_task
 from engine.tasks.base import Problem
+from engine.tasks.client import CLIENT_TASK
 from engine.tasks.reward_worker import RewardWorker
 from engine.train.grpo import group_advantages
 from engine.train.batch import TrainBatch
@@ -43,10 +44,11 @@ IN_FLIGHT_STATES = {State.WARMING, State.RUNNING, State.PAUSED}  # hold an adapt
 
 # Legal transitions; anything else is refused with a reason.
 TRANSITIONS = {
-    State.QUEUED: {State.WARMING, State.PAUSED, State.KILLED, State.FAILED},
-    State.WARMING: {State.RUNNING, State.PAUSED, State.KILLED, State.FAILED},
+# (DONE from QUEUED, WARMING or PAUSED: a Tinker client finished its session meanwhile.)
+    State.QUEUED: {State.WARMING, State.PAUSED, State.DONE, State.KILLED, State.FAILED},
+    State.WARMING: {State.RUNNING, State.PAUSED, State.DONE, State.KILLED, State.FAILED},
     State.RUNNING: {State.PAUSED, State.DONE, State.KILLED, State.FAILED},
-    State.PAUSED: {State.RUNNING, State.QUEUED, State.KILLED, State.FAILED},
+    State.PAUSED: {State.RUNNING, State.QUEUED, State.DONE, State.KILLED, State.FAILED},
     State.DONE: set(), State.KILLED: set(), State.FAILED: set(),
 }
 
@@ -87,6 +89,9 @@ class Tenant:
     checkpoint_owed: bool = False  # a checkpoint failed (disk full): retried until it is written
     task: Task | None = None
     reward: RewardWorker | None = None  # user reward code, in its own process
+    restore_optimizer: bool = True  # with restore_from: load the optimizer state too
+    client_step: object | None = None  # client tenants: engine.client_jobs.ClientStep since the last step
+    logged: dict = field(default_factory=dict)  # client tenants: metrics the client logged for its next step
 
     def load_task(self) -> None:
         """Build the task; a user reward gets a worker process (started on first use)."""
@@ -101,6 +106,11 @@ class Tenant:
     @property
     def adapter(self) -> str:
         return self.id
+
+    @property
+    def client_driven(self) -> bool:
+        """Driven by an API client (a Tinker training client), not by the scheduler's own loop."""
+        return self.spec.task == CLIENT_TASK
 
     def set_phase(self, phase: str) -> None:
         self.phase, self.phase_since = phase, time.time()

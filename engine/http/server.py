@@ -33,11 +33,17 @@ def require_key(request: Request) -> None:
 
 def build_app(engine, key: str) -> FastAPI:
     from engine.http import openai_routes
+    from engine.tinker import routes as tinker_routes
+    from engine.tinker.futures import TinkerError
+    from engine.tinker.service import TinkerService
 
     app = FastAPI(title="clora engine", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.api_key = engine, key
     app.state.openai = OpenAIServing(engine)
+    app.state.tinker = TinkerService(engine)
     app.include_router(openai_routes.router, dependencies=[Depends(require_key)])
+    app.include_router(tinker_routes.router, dependencies=[Depends(require_key)])
+    app.add_exception_handler(TinkerError, tinker_routes.tinker_error)
 
     @app.exception_handler(ApiError)
     async def api_error(_request, exc: ApiError):

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 from engine.tasks.base import Task, TaskError
 from engine.tasks.builtin import ArithmeticTask, ReverseTask, SortTask
+from engine.tasks.client import ClientTask
 from engine.tasks.jsonl import JsonlTask
 
 BUILTIN_TASKS = {cls.name: cls for cls in (ArithmeticTask, ReverseTask, SortTask)}
+CLIENT_TASKS = {ClientTask.name: ClientTask}  # tenants driven by an API client (not `start`)
 
 
 def task_class(name: str) -> type[Task]:
     if name.startswith("jsonl:"):
         return JsonlTask
+    if name in CLIENT_TASKS:
+        return CLIENT_TASKS[name]
     if name not in BUILTIN_TASKS:
         known = ", ".join(sorted(BUILTIN_TASKS))
         raise TaskError(f"task: unknown task {name!r}; use one of {known} or 'jsonl:PATH'")

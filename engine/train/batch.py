@@ -37,6 +37,9 @@ class TrainBatch:
     # Off-policy steps: the sampler's log-probs [B, T]. The loss's importance ratio is then
     # taken against the policy that really sampled, not the trainer's weights before the update.
     behavior_logprobs: torch.Tensor | None = None
+    # Client-built rows (Tinker datums) name their targets [B, T]: completion position i predicts
+    # targets[i] (default: the next input token, ids[:, P + i]).
+    targets: torch.Tensor | None = None
 
 
 def concat_batches(batches: list[TrainBatch], pad_id: int = 0) -> tuple[TrainBatch, list[slice]]:
@@ -63,7 +66,13 @@ def concat_batches(batches: list[TrainBatch], pad_id: int = 0) -> tuple[TrainBat
             behavior[start : start + n, :c] = b.behavior_logprobs
         slices.append(slice(start, start + n))
         start += n
-    return TrainBatch(ids, attn, cmask, adv, p_width, behavior), slices
+    targets = None
+    if any(b.targets is not None for b in batches):
+        targets = ids[:, p_width:].clone()
+        for b, s in zip(batches, slices):
+            if b.targets is not None:
+                targets[s, : b.targets.shape[1]] = b.targets
+    return TrainBatch(ids, attn, cmask, adv, p_width, behavior, targets), slices
 
 
 def completion_tiers(lengths: torch.Tensor) -> torch.Tensor:

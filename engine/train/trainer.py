@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,24 @@ from engine.train.batch import TrainBatch, completion_tiers, concat_batches, pos
 from engine.train.grpo import grpo_loss
 
 ANCHOR = "__anchor__"  # a rank-1 adapter nobody uses: PEFT needs at least one adapter to exist
+
+
+@dataclass
+class ClientPass:
+    """A forward (and backward, unless `forward_only`) asked for by a client-driven tenant (a
+    Tinker training client). `loss(logp, mask)` -> (summed loss, per-token loss [B, T]); its
+    gradient accumulates into the adapter's .grad until the client's optimizer step."""
+
+    batch: TrainBatch
+    loss: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    forward_only: bool = False
+
+
+@dataclass
+class PassResult:
+    logprobs: torch.Tensor  # [B, T] detached, on the CPU
+    elementwise_loss: torch.Tensor  # [B, T] detached, on the CPU
+    loss: float
 
 
 @dataclass
@@ -175,7 +194,7 @@ class MultiAdapterTrainer:
             logits = self._shared_prompt_logits(adapter_names, ids, mask, prompt, width, group_of, first, routing,
                                                 lengths)
         logp_all = torch.log_softmax(logits, dim=-1)
-        targets = ids[:, prompt : prompt + width]
+        targets = batch.targets.to(self.device) if batch.targets is not None else ids[:, prompt : prompt + width]
         logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         entropy = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
         return logp, entropy
@@ -230,37 +249,44 @@ class MultiAdapterTrainer:
             raise outcome
         return outcome
 
-    def train(self, work: dict[str, tuple[TrainBatch, GrpoSpec, int]], fused: bool = True) -> dict:
-        """One GRPO update per tenant; returns StepStats, or the exception that fails that
-        tenant (the others still step). `fused`: tenants share forward/backward passes in
-        micro-batches of whole tenants up to `micro_batch_rows` rows (exact: tenant A's
-        loss does not depend on tenant B's weights, so the summed loss gives each adapter
-        the gradient it would get alone); otherwise one tenant at a time."""
+    def train(self, work: dict[str, tuple[TrainBatch, GrpoSpec, int]], fused: bool = True,
+              passes: dict[str, ClientPass] | None = None) -> dict:
+        """One GRPO update per tenant of `work`, and one forward(-backward) per client pass;
+        returns StepStats / PassResult, or the exception that fails that tenant or pass (the
+        others still go on). `fused`: everyone shares forward/backward passes in micro-batches
+        of whole tenants up to `micro_batch_rows` rows (exact: tenant A's loss does not depend
+        on tenant B's weights, so the summed loss gives each adapter the gradient it would get
+        alone); otherwise one at a time."""
+        passes = passes or {}
         if not fused:
             results = {}
             for name, item in work.items():
-                results.update(self.train({name: item}, fused=True))
+                results.update(self.train({name: item}))
+            for name, item in passes.items():
+                results.update(self.train({}, passes={name: item}))
             return results
         with self.lock:
             try:
-                return self._train_fused(work)
+                return self._train_fused(work, passes)
             except Exception as exc:  # noqa: BLE001
-                if len(work) == 1 or self._stepped:
+                if len(work) + len(passes) == 1 or self._stepped:
                     # Some optimizers may have stepped already: retrying would update twice.
-                    return {name: exc for name in work}
-            # Nothing stepped yet: isolate the culprit by training each tenant alone.
-            return {name: out for name, item in work.items() for out in [self._train_alone(name, item)]}
+                    return {name: exc for name in [*work, *passes]}
+            # Nothing stepped yet (client gradients were put back): train each one alone.
+            results = {name: self._train_alone({name: item}, {}) for name, item in work.items()}
+            results.update({name: self._train_alone({}, {name: item}) for name, item in passes.items()})
+            return results
 
-    def _train_alone(self, name, item):
+    def _train_alone(self, work, passes):
         try:
-            return self._train_fused({name: item})[name]
+            return next(iter(self._train_fused(work, passes).values()))
         except Exception as exc:  # noqa: BLE001
             return exc
 
-    def _micro_batches(self, names: list[str], work) -> list[list[str]]:
+    def _micro_batches(self, batches: dict[str, TrainBatch]) -> list[list[str]]:
         chunks, current, rows = [], [], 0
-        for name in names:
-            n = work[name][0].input_ids.shape[0]
+        for name, batch in batches.items():
+            n = batch.input_ids.shape[0]
             if current and rows + n > self.micro_batch_rows:
                 chunks.append(current)
                 current, rows = [], 0
@@ -270,47 +296,85 @@ class MultiAdapterTrainer:
             chunks.append(current)
         return chunks
 
-    def _train_fused(self, work: dict[str, tuple[TrainBatch, GrpoSpec, int]]) -> dict:
+    def _train_fused(self, work: dict[str, tuple[TrainBatch, GrpoSpec, int]],
+                     passes: dict[str, ClientPass] | None = None) -> dict:
+        """Client passes accumulate into .grad; their earlier gradients (from the client's
+        previous forward_backward calls) are set aside meanwhile and added back only when the
+        whole call succeeded, so a failed call adds nothing and can be retried."""
+        passes = passes or {}
         self._stepped = False
-        names = list(work)
+        batches = {**{n: item[0] for n, item in work.items()}, **{n: p.batch for n, p in passes.items()}}
         chunks = []
-        for chunk_names in self._micro_batches(names, work):
-            batch, slices = concat_batches([work[n][0] for n in chunk_names])
+        for chunk_names in self._micro_batches(batches):
+            batch, slices = concat_batches([batches[n] for n in chunk_names])
             rows = [n for n, s in zip(chunk_names, slices) for _ in range(s.stop - s.start)]
             ref = None
-            if any(work[n][1].beta > 0 for n in chunk_names):
+            if any(work[n][1].beta > 0 for n in chunk_names if n in work):
                 with torch.no_grad():
                     ref, _ = self.completion_logprobs(["__base__"] * len(rows), batch)
             chunks.append({"names": chunk_names, "batch": batch, "slices": dict(zip(chunk_names, slices)),
                            "rows": rows, "ref": ref, "mask": batch.completion_mask.to(self.device),
                            "adv": batch.advantages.to(self.device), "old": None, "entropy": None})
-        params = {n: self.parameters(n) for n in names}
+        params = {n: self.parameters(n) for n in batches}
+        saved = {n: [p.grad for p in params[n]] for n in passes if not passes[n].forward_only}
+        for n in saved:
+            for p in params[n]:
+                p.grad = None
+        try:
+            results = self._fused_iterations(work, passes, chunks, params)
+        except BaseException:
+            for n, grads in saved.items():  # a failed call adds nothing
+                for p, g in zip(params[n], grads):
+                    p.grad = g
+            raise
+        for n, grads in saved.items():
+            for p, g in zip(params[n], grads):
+                if g is not None:
+                    p.grad = g if p.grad is None else p.grad + g
+        return results
+
+    def _fused_iterations(self, work, passes, chunks, params) -> dict:
         results: dict = {}
-        live = list(names)
+        live = list(work)
         parts_by, norms = {}, {}
-        for it in range(max(work[n][1].iterations for n in names)):
+        rounds = max([work[n][1].iterations for n in work] + [1 if passes else 0])
+        for it in range(rounds):
             active = [n for n in live if work[n][1].iterations > it]
-            if not active:
+            clients = list(passes) if it == 0 else []
+            if not active and not clients:
                 break
             for n in active:
                 self.optimizers[n].zero_grad(set_to_none=True)
             for chunk in chunks:
-                if not any(n in active for n in chunk["names"]):
+                mine = [n for n in chunk["names"] if n in active or n in clients]
+                if not mine:
                     continue
-                logp, entropy = self.completion_logprobs(chunk["rows"], chunk["batch"], with_entropy=(it == 0))
+                grad = any(n in active or not passes[n].forward_only for n in mine)
+                with torch.set_grad_enabled(grad):
+                    logp, entropy = self.completion_logprobs(chunk["rows"], chunk["batch"], with_entropy=(it == 0))
                 if chunk["old"] is None:
                     chunk["old"], chunk["entropy"] = logp.detach(), entropy.detach()
                     chunk["ratio_base"] = chunk["old"].clone()
                     behavior = chunk["batch"].behavior_logprobs
                     for n in chunk["names"]:
-                        if work[n][0].behavior_logprobs is not None:
+                        if n in work and work[n][0].behavior_logprobs is not None:
                             s = chunk["slices"][n]
                             chunk["ratio_base"][s] = behavior[s].to(self.device)
                 total = None
-                for n in chunk["names"]:
-                    if n not in active:
+                for n in mine:
+                    s = chunk["slices"][n]
+                    if n in passes:
+                        width = passes[n].batch.completion_mask.shape[1]
+                        loss, elementwise = passes[n].loss(logp[s, :width], chunk["mask"][s, :width])
+                        if not torch.isfinite(loss):
+                            results[n] = FloatingPointError(f"loss is {loss.item()}")
+                            continue
+                        results[n] = PassResult(logprobs=logp[s, :width].detach().cpu(),
+                                                elementwise_loss=elementwise.detach().cpu(), loss=float(loss.detach()))
+                        if not passes[n].forward_only:
+                            total = loss if total is None else total + loss
                         continue
-                    s, (_, grpo, max_tokens) = chunk["slices"][n], work[n]
+                    _, grpo, max_tokens = work[n]
                     parts = grpo_loss(logp[s], chunk["ratio_base"][s], chunk["adv"][s], chunk["mask"][s],
                                       epsilon=grpo.epsilon, epsilon_high=grpo.epsilon_high, beta=grpo.beta,
                                       ref_logprobs=chunk["ref"][s] if chunk["ref"] is not None else None,
@@ -322,7 +386,7 @@ class MultiAdapterTrainer:
                         continue
                     parts_by[n] = parts
                     total = parts.loss if total is None else total + parts.loss
-                if total is not None:
+                if total is not None and total.requires_grad:
                     total.backward()
             for n in list(active):
                 clip = self.specs[n][1].grad_clip
@@ -335,7 +399,8 @@ class MultiAdapterTrainer:
                 norms[n] = float(norm)
                 self.optimizers[n].step()
                 self._stepped = True
-            self.version += 1
+            if active:
+                self.version += 1
         for chunk in chunks:
             for n in chunk["names"]:
                 if n not in live:
@@ -346,3 +411,22 @@ class MultiAdapterTrainer:
                                        clip_fraction=parts_by[n].clip_fraction,
                                        trainer_logprobs=chunk["old"][s][:, : work[n][0].completion_mask.shape[1]])
         return results
+
+    # -- client optimizer steps -----------------------------------------------------
+    def client_step(self, name: str, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
+                    grad_clip: float) -> float:
+        """A client's optimizer step (Tinker's optim_step): AdamW with the step's own
+        hyper-parameters over the gradients its forward_backward calls accumulated; then the
+        gradients are cleared. Returns the gradient norm (before clipping)."""
+        with self.lock:
+            opt, params = self.optimizers[name], self.parameters(name)
+            norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
+            if not torch.isfinite(norm):
+                opt.zero_grad(set_to_none=True)
+                raise FloatingPointError(f"gradient norm is {norm.item()}")
+            for group in opt.param_groups:
+                group.update(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            self.version += 1
+            return float(norm)
