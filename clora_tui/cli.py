@@ -202,7 +202,7 @@ def cmd_ls(args) -> int:
         print("no experiments (submit one with `clora-tui submit FILE.toml`)")
         return EXIT_OK
     for row in rows:
-        row["progress"] = f"{row['step']}/{row['steps']}"
+        row["progress"] = progress(row)
         row["note"] = row.get("error") or row.get("reason") or ""
     print(table(rows, LS_COLUMNS))
     return EXIT_OK
@@ -214,13 +214,18 @@ STEP_COLUMNS = [("step", "step"), ("reward_mean", "reward"), ("accuracy", "acc")
                 (protocol.TOTAL_S, "total s")]
 
 
+def progress(row: dict) -> str:
+    """`12/40`; a Tinker run has no step budget: `12`."""
+    return str(row["step"]) if row.get("task") == protocol.TINKER_TASK else f"{row['step']}/{row['steps']}"
+
+
 def cmd_show(args) -> int:
     info = call(args, "get", id=args.id)
     if args.json:
         emit_json(info)
         return EXIT_OK
     head = [("id", info["id"]), ("name", info["name"]), ("state", info["state"]),
-            ("step", f"{info['step']}/{info['steps']}"), ("task", info["task"]), ("rank", info["rank"]),
+            ("step", progress(info)), ("task", info["task"]), ("rank", info["rank"]),
             ("reward", fmt(info.get("reward"))), ("accuracy", fmt(info.get("accuracy"))),
             ("eval accuracy", fmt(info.get("eval_accuracy"))), ("warm-up", human_s(info.get("warmup_s")))]
     if info.get("reason"):
@@ -256,7 +261,7 @@ def cmd_command(args) -> int:
     if getattr(args, "json", False):
         emit_json(result)
     else:
-        print(f"{verb} {result['id']} ({result['name']}, {result['state']} at step {result['step']}/{result['steps']})")
+        print(f"{verb} {result['id']} ({result['name']}, {result['state']} at step {progress(result)})")
     return EXIT_OK
 
 
@@ -446,6 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
     p.add_argument("-n", "--lines", type=int, default=200)
     p.set_defaults(func=cmd_logs)
+    from clora_tui import cli_metrics
+
+    cli_metrics.add_parsers(sub)
     return parser
 
 

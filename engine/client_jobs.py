@@ -53,11 +53,12 @@ class ClientStep:
     """What a client tenant did since its last optimizer step (one recorded step)."""
 
     since: float = field(default_factory=time.time)
-    loss: float = 0.0
+    loss: float = 0.0  # Tinker's loss:sum, over the step's forward_backward calls
     tokens: int = 0
     train_s: float = 0.0
     queue_s: float = 0.0
-    sample_s: float = 0.0  # its sampling jobs' time in the shared batch
+    sample_s: float = 0.0  # its sampling jobs' time in the shared batch (the union of their spans)
+    sampled_until: float = 0.0
     sampled_tokens: int = 0
 
 
@@ -271,7 +272,7 @@ class ClientWork:
         end = time.time()
         total = end - stats.since
         row = {"tenant": tenant.id, "step": tenant.step, "time": end,
-               "loss": stats.loss / max(1, stats.tokens) if stats.tokens else None, "grad_norm": grad_norm,
+               "loss": stats.loss if stats.tokens else None, "grad_norm": grad_norm,
                "completion_tokens": stats.sampled_tokens or stats.tokens,
                ROLLOUT_S: stats.sample_s, TRAIN_S: train_s, SYNC_S: sync_s, CHECKPOINT_S: 0.0, TOTAL_S: total,
                QUEUE_S: stats.queue_s, STALENESS: 0}

@@ -65,6 +65,10 @@ STATES = (QUEUED, WARMING, RUNNING, PAUSED, DONE, KILLED, FAILED)  # in lifecycl
 FINAL_STATES = (DONE, KILLED, FAILED)  # a tenant in one of these never steps again
 ACTIVE_STATES = (WARMING, RUNNING)  # being prepared or stepping
 
+# A tenant whose `task` is this is driven by a Tinker training client through the HTTP API
+# (one step = one optim_step); it has no step budget of its own.
+TINKER_TASK = "tinker"
+
 # -- the timing of one step: fields of a `step` event and of each `history` row -----------
 QUEUE_S, ROLLOUT_S, REWARD_S, TRAIN_S = "queue_s", "rollout_s", "reward_s", "train_s"
 SYNC_S, CHECKPOINT_S, TOTAL_S = "sync_s", "checkpoint_s", "total_s"

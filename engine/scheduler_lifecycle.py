@@ -139,6 +139,10 @@ class TenantLifecycle:
             return
         tenant.ready_since = time.time()
         tenant.set_phase("ready")
+        if tenant.client_driven and tenant.first_step is None:  # its client may step from now on
+            tenant.first_step = tenant.ready_since
+            tenant.warmup_s = round(tenant.ready_since - (tenant.started or tenant.ready_since), 3)
+            self.engine.store.update_experiment(tenant.id, first_step=tenant.first_step, warmup_s=tenant.warmup_s)
         self.set_state(tenant, State.RUNNING, reason="")
 
     def complete(self, tenant: Tenant) -> None:

@@ -51,7 +51,11 @@ def main() -> None:
     parser.add_argument("--name", default="tinker-rl")
     args = parser.parse_args()
 
-    service = tinker.ServiceClient()  # TINKER_BASE_URL, TINKER_API_KEY
+    with tinker.ServiceClient() as service:  # TINKER_BASE_URL, TINKER_API_KEY; the run ends with the session
+        train(service, args)
+
+
+def train(service: tinker.ServiceClient, args) -> None:
     base_model = os.environ.get("TINKER_BASE_MODEL", "embedded")
     training = service.create_lora_training_client(base_model=base_model, rank=args.rank, seed=args.seed,
                                                    user_metadata={"name": args.name}).result()

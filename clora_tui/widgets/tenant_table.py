@@ -7,7 +7,7 @@ from textual.widgets import DataTable
 
 from clora_tui.format import num, nbytes, pct, secs, sparkline
 from clora_tui.model import FleetModel, TenantView, tenant_colour
-from engine.protocol import FAILED, TOTAL_S
+from engine.protocol import FAILED, TINKER_TASK, TOTAL_S
 
 COLUMNS = (
     ("name", "Name", 20), ("state", "State", 10), ("step", "Step", 7), ("reward", "Reward", 6),
@@ -111,6 +111,9 @@ class TenantTable(DataTable):
         colour = tenant_colour(view.id)
         name = Text()
         name.append("◉ " if marked else "● ", style=colour)
+        tinker = s.get("task") == TINKER_TASK
+        if tinker:  # driven by a Tinker client: its steps are the client's optim_steps, no budget
+            name.append("TNK ", style=f"bold {colours.get('badge', 'magenta')}")
         name.append(view.name, style="bold" if marked else "")
         if view.pending:
             state = Text(PENDING_WORDS.get(view.pending, view.pending + "…"), style=f"italic {colours.get('pending', 'yellow')}")
@@ -125,7 +128,7 @@ class TenantTable(DataTable):
         return {
             "name": name,
             "state": state,
-            "step": Text(f"{step}/{s.get('steps', '?')}", justify="right"),
+            "step": Text(str(step) if tinker else f"{step}/{s.get('steps', '?')}", justify="right"),
             "reward": Text(num(reward, 2), justify="right"),
             "smooth": Text(num(view.smoothed_reward(), 2), justify="right"),
             "acc": Text(pct(s.get("accuracy")), justify="right"),

@@ -3,9 +3,10 @@ prompts, rewards and losses through the API, so the engine samples nothing on it
 
 from __future__ import annotations
 
+from engine.protocol import TINKER_TASK
 from engine.tasks.base import Problem, Task, TaskError
 
-CLIENT_TASK = "tinker"
+CLIENT_TASK = TINKER_TASK
 
 
 class ClientTask(Task):

@@ -68,8 +68,16 @@ async def create_session(request: Request):
     return service(request).create_session(await body_json(request))
 
 
+@router.post("/telemetry")
+async def telemetry(request: Request):
+    return {"status": "accepted"}  # the SDK's telemetry is not kept here; answering keeps its logs quiet
+
+
 @router.post("/session_heartbeat")
 async def heartbeat(request: Request):
+    body = await body_json(request)
+    if not service(request).heartbeat(str(body.get("session_id", ""))):
+        raise TinkerError("the session is over (finished, or unknown to this engine)", 410)
     return {"type": "session_heartbeat"}
 
 

@@ -28,9 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.client_jobs import CALL, FORWARD_BACKWARD, OPTIM_STEP, ClientJobError, datums_batch
+from engine.client_jobs import CALL, FORWARD_BACKWARD, OPTIM_STEP, ClientJobError, ClientStep, datums_batch
 from engine.checkpoint import load_checkpoint, write_state
-from engine.config import LoraSpec, OptimSpec
 from engine.core import EngineError
 from engine.external_jobs import BASE_ADAPTER
 from engine.rollout.base import SampleRequest
@@ -44,6 +43,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 DEFAULT_SAMPLE_TOKENS = 64
+SESSION_TIMEOUT_S = 180.0  # the SDK heartbeats every 10 s; a session silent this long is over
 
 
 @dataclass
@@ -74,6 +74,7 @@ class TinkerService:
         self.sessions: dict[str, dict] = {}
         self.runs: dict[str, Run] = {}
         self.samplers: dict[str, Sampler] = {}
+        self.sweeper: threading.Thread | None = None
 
     # -- names and lookups --------------------------------------------------------------
     @property
@@ -121,8 +122,33 @@ class TinkerService:
         session_id = f"sess-{secrets.token_hex(6)}"
         with self.lock:
             self.sessions[session_id] = {"created": time.time(), "tags": body.get("tags") or [],
-                                         "metadata": body.get("user_metadata") or {}, "finished": None}
+                                         "metadata": body.get("user_metadata") or {}, "finished": None,
+                                         "seen": time.time()}
+            if self.sweeper is None:
+                self.sweeper = threading.Thread(target=self._sweep, name="tinker-sessions", daemon=True)
+                self.sweeper.start()
         return {"type": "create_session", "session_id": session_id}
+
+    def heartbeat(self, session_id: str) -> bool:
+        """False if the session is over (the SDK then stops its heartbeat)."""
+        with self.lock:
+            session = self.sessions.get(session_id)
+            if session is None or session["finished"]:
+                return False
+            session["seen"] = time.time()
+            return True
+
+    def _sweep(self) -> None:
+        """A client that went away without finishing its session (killed, lost its connection)
+        must not hold adapter slots for ever: its session ends after SESSION_TIMEOUT_S of silence."""
+        while not self.engine.stopping.wait(10.0):
+            now = time.time()
+            with self.lock:
+                silent = [sid for sid, s in self.sessions.items()
+                          if not s["finished"] and now - s["seen"] > SESSION_TIMEOUT_S]
+            for sid in silent:
+                self.engine.log(f"Tinker session {sid}: no heartbeat for {SESSION_TIMEOUT_S:.0f} s; its runs end")
+                self.finish_session(sid)
 
     def finish_session(self, session_id: str) -> dict:
         with self.lock:
@@ -190,6 +216,7 @@ class TinkerService:
 
     def create_model(self, body: dict, key: tuple) -> tuple[str, Entry]:
         self.check_base(body.get("base_model"))
+        self.heartbeat(body["session_id"])
         lora = body.get("lora_config") or {}
         optimizer = (body.get("optimizer_config") or {}).get("type", "adamw")
         if optimizer != "adamw":
@@ -474,12 +501,18 @@ class TinkerService:
         return ids
 
     def _count_sampling(self, sampler: Sampler, started: float, tokens: int) -> None:
+        """A run's sampling time in its step: the union of its requests' spans (they overlap)."""
         if sampler.run is None:
             return
         tenant = self.tenant(sampler.run)
-        if tenant is not None and tenant.client_step is not None:
-            tenant.client_step.sample_s += time.time() - started
-            tenant.client_step.sampled_tokens += tokens
+        if tenant is None:
+            return
+        if tenant.client_step is None:
+            tenant.client_step = ClientStep(since=tenant.ready_since or started)
+        stats, now = tenant.client_step, time.time()
+        stats.sample_s += max(0.0, now - max(started, stats.sampled_until, stats.since))
+        stats.sampled_until = max(stats.sampled_until, now)
+        stats.sampled_tokens += tokens
 
     def log_metrics(self, body: dict) -> dict:
         """clora extension: a client logs metrics for its run's next step (e.g. its mean reward)."""
