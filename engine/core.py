@@ -81,6 +81,7 @@ class Engine(TenantRestore):
         self.adapter_bytes_seen: dict[str, int] = {}  # last value read under the trainer lock
         self.checkpointed: int | None = None  # checkpoints written at shutdown
         self.stopped_event: dict | None = None  # the last event, announcing the shutdown
+        self.sinks = None  # engine.metrics_sinks.MetricsSinks: TensorBoard (and W&B) out
 
     # -- lifecycle ------------------------------------------------------------------
     def set_stage(self, stage: str) -> None:
@@ -90,12 +91,15 @@ class Engine(TenantRestore):
     def warm_up(self) -> None:
         """Load model and backend, restore tenants from the store, start the scheduler."""
         from engine.loading import configure_cpu_threads, load_everything
+        from engine.metrics_sinks import MetricsSinks
         from engine.scheduler import Scheduler
 
         configure_cpu_threads()
         self.loaded = load_everything(self.config, self.set_stage)
         self.set_stage("restoring experiments")
         self._restore_tenants()
+        self.sinks = MetricsSinks(self)
+        self.sinks.start()
         self.cold_start_s = round(time.time() - self.created, 3)
         self.ready_at = time.time()
         self.store.set_meta("last_cold_start_s", self.cold_start_s)
@@ -123,6 +127,8 @@ class Engine(TenantRestore):
                    else "engine stopped; no tenant needed a checkpoint")
         self.stopped_event = self.events.emit("log", None, level="info", message=message, stopped=True,
                                               checkpointed=written)
+        if self.sinks is not None:
+            self.sinks.close()
         if self.loaded is not None:
             self.loaded.backend.close()
         self.store.close()

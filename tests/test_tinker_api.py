@@ -103,6 +103,12 @@ def test_training_client_samples_trains_saves_and_resumes(engine, service):
     wait_for(lambda: tenant_of(engine, "sdk-run")["step"] == 4, timeout=30, what="4 recorded steps")
     history = engine.json("show", "sdk-run", "--json")["history"]
     assert [h["step"] for h in history] == [1, 2, 3, 4] and all(h["total_s"] > 0 for h in history)
+    csv_path = engine.home / "sdk-run.csv"
+    engine.cli("metrics", "sdk-run", "--csv", str(csv_path), check=True)
+    lines = csv_path.read_text().splitlines()
+    assert lines[0].startswith("step,time,") and "loss" in lines[0] and len(lines) == 5
+    tb = engine.home / "tb" / row["id"]  # TensorBoard, on by default
+    wait_for(lambda: list(tb.glob("events.out.tfevents.*")), timeout=30, what="TensorBoard event files")
 
     # importance_sampling on the sampled tokens: the ratio is 1 at the sampler's own log-probs.
     seq = out.sequences[0]
