@@ -210,3 +210,40 @@ def test_saved_state_survives_an_engine_restart(engine):
         assert resumed.forward(data, "cross_entropy").result().metrics["loss:sum"] == pytest.approx(loss, rel=1e-5)
         resumed.forward_backward(data, "cross_entropy").result()
         resumed.optim_step(types.AdamParams(learning_rate=2e-2)).result()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_the_app_shows_a_tinker_run_live_and_pauses_it_from_the_keys(engine, anyio_backend):
+    import asyncio
+
+    from tests.test_app_engine import app_for, select, until
+    from clora_tui.widgets.tenant_table import TenantTable
+
+    status = engine.json("engine", "status")
+    service = tinker.ServiceClient(base_url=status["tinker_url"], api_key=status["api_key"])
+    training = service.create_lora_training_client(base_model="embedded", rank=4,
+                                                   user_metadata={"name": "live-run"}).result()
+    tokenizer = training.get_tokenizer()
+    data = [sft_datum(tokenizer, "8+8=", "16")]
+
+    def step():
+        training.forward_backward(data, "cross_entropy").result()
+        return training.optim_step(types.AdamParams(learning_rate=1e-3)).result()
+
+    tid = tenant_of(engine, "live-run")["id"]
+    async with app_for(engine.home).run_test(size=(120, 36)) as pilot:
+        table = pilot.app.query_one(TenantTable)
+        await select(pilot, tid)
+        assert "TNK" in table.get_cell(tid, "name").plain
+        for _ in range(2):
+            await asyncio.to_thread(step)
+        await until(pilot, lambda: table.get_cell(tid, "step").plain == "2", 30, "two Tinker steps in the table")
+        await pilot.press("p")
+        await until(pilot, lambda: tenant_of(engine, "live-run")["state"] == "paused", 60, "the pause")
+        waiting = training.forward_backward(data, "cross_entropy")
+        await asyncio.sleep(1.0)
+        assert not waiting.future().done()
+        await pilot.press("p")
+        await asyncio.to_thread(waiting.result, 60)
+    service.close("success").result()
