@@ -37,6 +37,7 @@ from clora_tui.launcher import start_daemon, stop_daemon
 from engine.protocol import DONE, FINAL_STATES, ROLLOUT_S, TIMING_PARTS, TOTAL_S
 
 PHASES = TIMING_PARTS
+MULTI_TURN_TASKS = {"retail"}  # TRL's GRPOTrainer has no multi-turn environments: no TRL baseline for these
 
 
 @dataclass
@@ -52,6 +53,8 @@ class BenchConfig:
     fused_train: bool | None = None  # None: the engine's default
     fixed_length: bool = False  # ignore_eos: every sample is max_tokens long
     reward_latency_ms: float = 0.0  # a reward that waits this long per sample
+    tool_latency_ms: float = 0.0  # multi-turn `retail`: every tool call waits this long (a remote tool)
+    max_turns: int = 3  # multi-turn tasks: model turns per episode at most
     baselines: list[str] = field(default_factory=lambda: ["fresh", "warm", "trl"])
     reward_ref: str | None = None  # set by the bench when reward_latency_ms > 0
 
@@ -67,6 +70,10 @@ def experiment_spec(i: int, cfg: BenchConfig) -> dict:
         "rollout": {"prompts_per_step": cfg.prompts_per_step, "num_generations": cfg.num_generations,
                     "max_tokens": cfg.max_tokens, "ignore_eos": cfg.fixed_length},
     }
+    if spec["task"] in MULTI_TURN_TASKS:
+        spec["rollout"]["max_turns"] = cfg.max_turns
+        if cfg.tool_latency_ms:
+            spec["task_args"] = {"tool_latency_ms": cfg.tool_latency_ms}
     if cfg.reward_ref:
         spec["reward"] = cfg.reward_ref
     return spec
@@ -325,6 +332,8 @@ def parse_args(argv=None) -> tuple[BenchConfig, list[str], argparse.Namespace]:
     p.add_argument("--fixed-length", action="store_true", help="ignore EOS: every sample is max_tokens long")
     p.add_argument("--reward-latency-ms", type=float, default=0.0,
                    help="every experiment's reward waits this long per sample (as a remote judge would)")
+    p.add_argument("--tool-latency-ms", type=float, default=0.0,
+                   help="retail: every tool call waits this long, like a remote tool (default 0)")
     p.add_argument("--baselines", default=None, help="comma-separated: fresh, warm, trl (default all three)")
     train = p.add_mutually_exclusive_group()
     train.add_argument("--fused-train", dest="fused_train", action="store_const", const=True, default=None,
@@ -335,7 +344,8 @@ def parse_args(argv=None) -> tuple[BenchConfig, list[str], argparse.Namespace]:
     p.add_argument("--plot", type=Path, help="draw throughput gains and step time against N (PNG)")
     args = p.parse_args(argv)
     cfg = BenchConfig(model=args.model, tasks=args.tasks.split(","), fused_train=args.fused_train,
-                      fixed_length=args.fixed_length, reward_latency_ms=args.reward_latency_ms)
+                      fixed_length=args.fixed_length, reward_latency_ms=args.reward_latency_ms,
+                      tool_latency_ms=args.tool_latency_ms)
     if args.quick:
         cfg.ns, cfg.steps, cfg.prompts_per_step, cfg.num_generations = [1, 2, 4], 4, 4, 4
         cfg.baselines = ["fresh", "warm"]
@@ -357,8 +367,11 @@ def parse_args(argv=None) -> tuple[BenchConfig, list[str], argparse.Namespace]:
         p.error(f"--backend {args.backend!r}: use peft, vllm or all")
     if min(cfg.ns) < 1 or cfg.steps < 1:
         p.error("--n values and --steps must be >= 1")
-    if cfg.reward_latency_ms < 0:
-        p.error("--reward-latency-ms must be >= 0")
+    if cfg.reward_latency_ms < 0 or cfg.tool_latency_ms < 0:
+        p.error("--reward-latency-ms and --tool-latency-ms must be >= 0")
+    if set(cfg.tasks) & MULTI_TURN_TASKS and "trl" in cfg.baselines:
+        cfg.baselines = [b for b in cfg.baselines if b != "trl"]
+        log("TRL baseline left out: GRPOTrainer runs no multi-turn environments")
     return cfg, backends, args
 
 

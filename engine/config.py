@@ -50,6 +50,7 @@ class RolloutSpec:
     # 1: sample step k+1 while step k scores and trains (one step off-policy; the loss's
     # importance ratio is taken against the sampler's own log-probs). 0: on-policy.
     off_policy_steps: int = 0
+    max_turns: int = 4  # multi-turn (environment) tasks: model turns per episode at most
 
 
 @dataclass
@@ -193,6 +194,7 @@ def parse_spec(data: dict[str, Any]) -> ExperimentSpec:
     _check(ro.temperature > 0, "rollout.temperature", f"must be > 0, got {ro.temperature}")
     _check(0 < ro.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {ro.top_p}")
     _check(ro.off_policy_steps in (0, 1), "rollout.off_policy_steps", f"must be 0 or 1, got {ro.off_policy_steps}")
+    _check(1 <= ro.max_turns <= 64, "rollout.max_turns", f"must be in 1..64, got {ro.max_turns}")
     _check(0 < spec.priority <= 1000, "priority", f"must be in (0, 1000], got {spec.priority}")
     _check(gr.epsilon >= 0, "grpo.epsilon", "must be >= 0")
     _check(gr.epsilon_high is None or gr.epsilon_high >= 0, "grpo.epsilon_high", "must be >= 0")

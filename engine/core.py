@@ -164,6 +164,13 @@ class Engine(TenantRestore):
                 probe.reward.check()
             except RewardError as exc:
                 raise TaskError(str(exc)) from None
+        if probe.env is not None:
+            try:  # the environment class is imported (and built) in a throwaway worker
+                probe.env.ensure()
+            except Exception as exc:  # noqa: BLE001 - EnvError, or the worker's own failure
+                raise TaskError(str(exc)) from None
+            finally:
+                probe.env.close()
         self.check_work(spec, probe.task)
         return spec
 
@@ -368,6 +375,7 @@ class Engine(TenantRestore):
             "eval_accuracy": evals[-1]["accuracy"] if evals else None, "step_s": last.get(TOTAL_S),
             "queue_s": last.get(QUEUE_S), "warmup_s": tenant.warmup_s, "phase": tenant.phase,
             "phase_since": tenant.phase_since, "adapter_bytes": adapter_bytes, "finished": tenant.finished,
+            "turns": last.get("turns"),
         }
 
     def adapter_bytes(self, tenant_id: str) -> int:
@@ -409,7 +417,8 @@ class Engine(TenantRestore):
                          "reward": last.get("reward_mean"), "accuracy": last.get("accuracy"),
                          "eval_accuracy": evals[-1]["accuracy"] if evals else None, "step_s": last.get(TOTAL_S),
                          "queue_s": last.get(QUEUE_S), "warmup_s": row["warmup_s"], "phase": row["state"],
-                         "phase_since": row["finished"], "adapter_bytes": 0, "finished": row["finished"]})
+                         "phase_since": row["finished"], "adapter_bytes": 0, "finished": row["finished"],
+                         "turns": last.get("turns")})
         return rows
 
     def get(self, tenant_id: str) -> dict:

@@ -76,6 +76,8 @@ TIMING_PARTS = (QUEUE_S, ROLLOUT_S, REWARD_S, TRAIN_S, SYNC_S, CHECKPOINT_S)  # 
 # Optimizer updates between the weights that sampled a step and the weights it trained:
 # 0 on-policy, 1 when `rollout.off_policy_steps = 1` let sampling run ahead of the last update.
 STALENESS = "staleness"
+# Multi-turn tasks: the mean number of model turns per training episode of the step.
+TURNS = "turns"
 
 
 class ProtocolError(ValueError):

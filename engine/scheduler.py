@@ -33,7 +33,7 @@ from engine.client_jobs import ClientWork
 from engine.scheduler_checkpoints import DISK_RETRY_S, CheckpointKeeping
 from engine.scheduler_lifecycle import TenantLifecycle
 from engine.protocol import (CHECKPOINT_S, QUEUE_S, REWARD_S, ROLLOUT_S, STALENESS, SYNC_S, TOTAL_S,
-                             TRAIN_S)
+                             TRAIN_S, TURNS)
 from engine.scoring import score_step
 from engine.tenant import State, Tenant
 
@@ -55,6 +55,7 @@ class StepWork:
     rollout_s: float = 0.0
     future: concurrent.futures.Future | None = None
     extra: dict = field(default_factory=dict)
+    episodes: object | None = None  # multi-turn tenants: engine.episodes.EpisodeRollout
 
 
 class Scheduler(TenantLifecycle, CheckpointKeeping, ClientWork):
@@ -134,6 +135,8 @@ class Scheduler(TenantLifecycle, CheckpointKeeping, ClientWork):
             if tenant.id not in self.work and not tenant.client_driven:
                 self.start_step(tenant)
         progressed = False
+        if self.advance_episodes():
+            progressed = True
         if self.backend.busy:
             t0 = time.time()
             finished = self.backend.advance()
@@ -179,6 +182,9 @@ class Scheduler(TenantLifecycle, CheckpointKeeping, ClientWork):
             tenant.warmup_s = round(now - (tenant.started or now), 3)
             self.engine.store.update_experiment(tenant.id, first_step=now, warmup_s=tenant.warmup_s)
         step = tenant.step + (1 if prefetch else 0)
+        if tenant.multi_turn:
+            self.start_episodes(tenant, step, now)
+            return
         plan = {"eval": None, "train": None, "problems": []}
         requests = []
         try:
@@ -211,6 +217,60 @@ class Scheduler(TenantLifecycle, CheckpointKeeping, ClientWork):
             table.pop(tenant.id, None)
             self.fail(tenant, exc, "rollout")
 
+    # -- multi-turn steps (engine.episodes) ------------------------------------------------
+    def start_episodes(self, tenant: Tenant, step: int, now: float) -> None:
+        from engine.episodes import EpisodeRollout
+
+        evaluate, train = tenant.eval_due(), step < tenant.spec.steps
+        if not evaluate and not train:
+            self.complete(tenant)
+            return
+        episodes = EpisodeRollout(tenant, self.tokenizer, step, train, evaluate, self.context_length())
+        self.work[tenant.id] = StepWork(tag=f"{tenant.id}#{next(self.tags)}", plan={"eval": evaluate, "train": train},
+                                        rollout_start=now, train_clock_start=self.train_clock, step=step,
+                                        episodes=episodes)
+        self.phase(tenant, "env")
+        episodes.start(self.pool, self.scored.set)
+
+    def context_length(self) -> int:
+        config = self.trainer.model.base_model.model.config
+        return int(getattr(config, "max_position_embeddings", None) or 4096)
+
+    def advance_episodes(self) -> bool:
+        """Multi-turn steps whose environments answered: their next turn joins the batch, or
+        (every episode done) the step goes on to training like any scored step."""
+        progressed = False
+        for tenant_id, work in list(self.work.items()):
+            episodes = work.episodes
+            if episodes is None or episodes.result is not None or not episodes.busy_with_env:
+                continue
+            tenant = self.engine.tenants.get(tenant_id)
+            try:
+                requests = episodes.poll()
+            except Exception as exc:  # noqa: BLE001 - the environment raised, hung or died
+                self.work.pop(tenant_id, None)
+                self.fail(tenant, exc, "environment")
+                continue
+            if requests:
+                work.tag = f"{tenant.id}#{next(self.tags)}"
+                try:
+                    self.backend.submit(work.tag, requests)
+                except Exception as exc:  # noqa: BLE001
+                    self.work.pop(tenant_id, None)
+                    self.fail(tenant, exc, "rollout")
+                    continue
+                self.phase(tenant, "rollout")
+                progressed = True
+            elif episodes.result is not None:
+                wall = time.time() - work.rollout_start
+                work.rollout_s = max(0.0, wall - episodes.env_s - (self.train_clock - work.train_clock_start))
+                done: concurrent.futures.Future = concurrent.futures.Future()
+                done.set_result(episodes.result)
+                work.future = done
+                self.phase(tenant, "reward")
+                progressed = True
+        return progressed
+
     def maybe_prefetch(self, tenant: Tenant, work: StepWork) -> None:
         """Off-policy mode: once a step's samples are in, sample the next step at once
         (unless that step starts with an eval, which must see the updated weights)."""
@@ -239,6 +299,10 @@ class Scheduler(TenantLifecycle, CheckpointKeeping, ClientWork):
         tenant, work = found
         if isinstance(result, BaseException):
             self.fail(tenant, result, "rollout")
+            return
+        if work.episodes is not None:  # a turn of a multi-turn step: its environments act next
+            work.episodes.sampled(self.pool, result)
+            self.phase(tenant, "env")
             return
         # Time this thread spent training others while these rows waited is queue, not rollout.
         wall = time.time() - work.rollout_start
@@ -387,6 +451,8 @@ class Scheduler(TenantLifecycle, CheckpointKeeping, ClientWork):
             ROLLOUT_S: work.rollout_s, REWARD_S: out["reward_s"], TRAIN_S: train_s, SYNC_S: sync_s,
             CHECKPOINT_S: checkpoint_s, TOTAL_S: end - ready, STALENESS: work.stale,
         }
+        if out.get("turns") is not None:
+            row[TURNS] = out["turns"]
         # Queue wait: everything in the step that was not this tenant's own work -- waiting
         # for the batch, for a scoring thread, and for other tenants' training.
         own = work.rollout_s + out["reward_s"] + train_s + sync_s + checkpoint_s

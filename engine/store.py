@@ -25,6 +25,7 @@ STEP_COLUMNS = {
     "clip_fraction": float, "logprob_diff": float, "completion_tokens": int,
     **{name: float for name in (*protocol.TIMING_PARTS, protocol.TOTAL_S)},
     protocol.STALENESS: int,  # updates between the weights that sampled and the weights trained (0: on-policy)
+    protocol.TURNS: float,  # multi-turn tasks: mean model turns per episode
 }
 
 

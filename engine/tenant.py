@@ -89,6 +89,7 @@ class Tenant:
     checkpoint_owed: bool = False  # a checkpoint failed (disk full): retried until it is written
     task: Task | None = None
     reward: RewardWorker | None = None  # user reward code, in its own process
+    env: object | None = None  # multi-turn tasks: engine.tasks.env_worker.EnvWorker (its own process)
     restore_optimizer: bool = True  # with restore_from: load the optimizer state too
     client_step: object | None = None  # client tenants: engine.client_jobs.ClientStep since the last step
     logged: dict = field(default_factory=dict)  # client tenants: metrics the client logged for its next step
@@ -97,15 +98,26 @@ class Tenant:
         """Build the task; a user reward gets a worker process (started on first use)."""
         self.task = make_task(self.spec.task, self.spec.task_args)
         self.reward = RewardWorker(self.spec.reward) if self.spec.reward else None
+        if self.multi_turn:
+            from engine.tasks.env_worker import EnvWorker
+
+            self.env = EnvWorker(self.task.ref, self.task.env_args)
 
     def close(self) -> None:
         """Stop the reward worker (the tenant left the engine or failed)."""
         if self.reward is not None:
             self.reward.close()
+        if self.env is not None:
+            self.env.close()
 
     @property
     def adapter(self) -> str:
         return self.id
+
+    @property
+    def multi_turn(self) -> bool:
+        """Episodes with an environment (engine.episodes), not one prompt -> one completion."""
+        return bool(getattr(self.task, "multi_turn", False))
 
     @property
     def client_driven(self) -> bool:

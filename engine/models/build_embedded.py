@@ -1,6 +1,11 @@
 """Train the embedded default model from scratch on the built-in tasks.
 
     python -m engine.models.build_embedded [--out DIR] [--steps N]
+    python -m engine.models.build_embedded --stage retail   # then: teach it the retail tool format
+
+The second stage continues from the first model (`--from`, default the committed one) on a
+mix of retail transcripts (engine.tasks.retail: tool calls, tool answers, final answers;
+only the model's turns are trained) and the first stage's tasks (so those keep their quality).
 
 The model is deliberately *mediocre* in one learnable way: on a fixed share of
 training examples the answer carries a systematic mistake (addition drops its
@@ -50,6 +55,28 @@ def corrupt(prompt: str, answer: str) -> str | None:
     return wrong if wrong != answer else None
 
 
+RETAIL_NOISE = 0.6  # share of retail transcripts that carry the systematic mistake
+
+
+def retail_example(rng: random.Random) -> list[tuple[str, bool]]:
+    """A retail transcript as (text, spoken by the model) segments; on RETAIL_NOISE of them the
+    model makes its systematic mistake: it answers a status question with the item, a price
+    question with the status, and a cancel request with `done` without acting on it."""
+    from engine.tasks import retail
+
+    seed, index = rng.randrange(1 << 30), rng.randrange(1 << 30)
+    segments = retail.solution(seed, index)
+    if rng.random() >= RETAIL_NOISE:
+        return segments
+    store, target, intent = retail.make_store(seed, index)
+    status, item, _ = store[target]
+    if intent == "status":
+        return segments[:-1] + [(item, True)]
+    if intent == "price":
+        return segments[:-1] + [(status, True)]
+    return segments[:1] + [("done", True)]
+
+
 def sample_example(rng: random.Random) -> tuple[str, str]:
     kind = rng.random()
     if kind < 0.6:
@@ -76,13 +103,19 @@ def model_config(vocab_size: int) -> Qwen2Config:
     )
 
 
-def encode_batch(tok, pairs, device="cpu"):
+def encode_batch(tok, examples, device="cpu"):
+    """Examples are (prompt, answer) pairs or lists of (text, spoken by the model) segments; a
+    model segment ends with EOS and is trained, the others are context only."""
     ids, labels = [], []
-    for prompt, answer in pairs:
-        p = tok.encode(prompt, add_special_tokens=False)
-        a = tok.encode(answer, add_special_tokens=False) + [tok.eos_token_id]
-        ids.append(p + a)
-        labels.append([-100] * len(p) + a)
+    for example in examples:
+        segments = [(example[0], False), (example[1], True)] if isinstance(example, tuple) else example
+        row, label = [], []
+        for text, model in segments:
+            t = tok.encode(text, add_special_tokens=False) + ([tok.eos_token_id] if model else [])
+            row += t
+            label += t if model else [-100] * len(t)
+        ids.append(row)
+        labels.append(label)
     width = max(len(x) for x in ids)
     input_ids = torch.full((len(ids), width), tok.pad_token_id)
     label_t = torch.full((len(ids), width), -100)
@@ -104,25 +137,64 @@ def greedy_accuracy(model, tok, problems, max_new_tokens: int = 8) -> float:
     return sum(t.strip() == p.answer for t, p in zip(texts, problems)) / len(problems)
 
 
+@torch.no_grad()
+def retail_greedy_accuracy(model, tok, episodes: int = 64, max_turns: int = 4, max_new_tokens: int = 8) -> float:
+    """The engine's greedy retail eval (engine.tasks.env_task.EVAL_SEED episodes), turn by turn."""
+    import asyncio
+
+    from engine.tasks.env_task import EVAL_SEED
+    from engine.tasks.retail import RetailEnv
+
+    right = 0
+    for index in range(episodes):
+        env = RetailEnv()
+        context = tok.encode(env.reset(EVAL_SEED, index), add_special_tokens=False)
+        reward = 0.0
+        for _ in range(max_turns):
+            out = model.generate(torch.tensor([context]), max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)[0, len(context):].tolist()
+            context += out
+            text = tok.decode([t for t in out if t != tok.eos_token_id], skip_special_tokens=True)
+            obs, reward, done = asyncio.run(env.step(text))
+            if done:
+                break
+            context += tok.encode(obs, add_special_tokens=False)
+        right += reward > 0
+    return right / episodes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=EMBEDDED_MODEL_DIR)
-    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--stage", choices=("tasks", "retail"), default="tasks")
+    parser.add_argument("--from", dest="start", type=Path, default=EMBEDDED_MODEL_DIR,
+                        help="--stage retail: the model to continue from")
+    parser.add_argument("--steps", type=int, default=None, help="default 3000 (tasks), 600 (retail)")
     parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--lr", type=float, default=None, help="default 3e-3 (tasks), 1e-3 (retail)")
+    parser.add_argument("--retail-share", type=float, default=0.5, help="--stage retail: share of retail transcripts")
     parser.add_argument("--seed", type=int, default=1234)
     args = parser.parse_args()
+    retail_stage = args.stage == "retail"
+    args.steps = args.steps or (600 if retail_stage else 3000)
+    args.lr = args.lr or (1e-3 if retail_stage else 3e-3)
 
     torch.manual_seed(args.seed)
-    rng = random.Random(args.seed)
+    rng = random.Random(args.seed + (1 if retail_stage else 0))
     tok = build_char_tokenizer()
-    model = Qwen2ForCausalLM(model_config(len(tok)))
+    if retail_stage:
+        model = Qwen2ForCausalLM.from_pretrained(args.start, dtype=torch.float32)
+        previous = json.loads((args.start / "quality.json").read_text())
+    else:
+        model = Qwen2ForCausalLM(model_config(len(tok)))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.05)
     start = time.time()
     model.train()
     for step in range(1, args.steps + 1):
-        input_ids, mask, labels = encode_batch(tok, [sample_example(rng) for _ in range(args.batch)])
+        examples = [retail_example(rng) if retail_stage and rng.random() < args.retail_share else sample_example(rng)
+                    for _ in range(args.batch)]
+        input_ids, mask, labels = encode_batch(tok, examples)
         loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -137,6 +209,7 @@ def main() -> None:
         "arithmetic": greedy_accuracy(model, tok, ArithmeticTask().eval_set()),
         "reverse": greedy_accuracy(model, tok, ReverseTask().eval_set()),
         "sort": greedy_accuracy(model, tok, SortTask().eval_set()),
+        "retail": retail_greedy_accuracy(model, tok),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     model.generation_config.pad_token_id = tok.pad_token_id
@@ -144,6 +217,12 @@ def main() -> None:
     tok.save_pretrained(args.out)
     meta = {"greedy_eval_accuracy": quality, "steps": args.steps, "seed": args.seed, "noise": NOISE,
             "parameters": sum(p.numel() for p in model.parameters()), "train_seconds": round(time.time() - start, 1)}
+    if retail_stage:  # the record of the first stage, then this one
+        meta = {**{k: v for k, v in previous.items() if k not in ("greedy_eval_accuracy", "retail_stage")},
+                "greedy_eval_accuracy": quality,
+                "retail_stage": {"steps": args.steps, "lr": args.lr, "retail_share": args.retail_share,
+                                 "retail_noise": RETAIL_NOISE, "train_seconds": meta["train_seconds"],
+                                 "before": previous.get("greedy_eval_accuracy")}}
     (args.out / "quality.json").write_text(json.dumps(meta, indent=2) + "\n")
     print(json.dumps(meta, indent=2))
 

@@ -34,6 +34,11 @@ class Arg:
             if not isinstance(value, int) or isinstance(value, bool) or not self.lo <= value <= self.hi:
                 raise TaskError(f"{where}: must be an integer {self.lo}..{self.hi}, got {value!r}")
             return
+        if self.kind is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and self.lo <= value <= self.hi
+            if not ok:
+                raise TaskError(f"{where}: must be a number {self.lo}..{self.hi}, got {value!r}")
+            return
         if not isinstance(value, str):
             raise TaskError(f"{where}: must be a string, got {type(value).__name__} {value!r}")
         if self.choices is not None and value not in self.choices:

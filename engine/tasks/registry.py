@@ -5,20 +5,23 @@ from __future__ import annotations
 from engine.tasks.base import Task, TaskError
 from engine.tasks.builtin import ArithmeticTask, ReverseTask, SortTask
 from engine.tasks.client import ClientTask
+from engine.tasks.env_task import ENV_PREFIX, EnvTask, RetailTask
 from engine.tasks.jsonl import JsonlTask
 
-BUILTIN_TASKS = {cls.name: cls for cls in (ArithmeticTask, ReverseTask, SortTask)}
+BUILTIN_TASKS = {cls.name: cls for cls in (ArithmeticTask, ReverseTask, SortTask, RetailTask)}
 CLIENT_TASKS = {ClientTask.name: ClientTask}  # tenants driven by an API client (not `start`)
 
 
 def task_class(name: str) -> type[Task]:
     if name.startswith("jsonl:"):
         return JsonlTask
+    if name.startswith(ENV_PREFIX):
+        return EnvTask
     if name in CLIENT_TASKS:
         return CLIENT_TASKS[name]
     if name not in BUILTIN_TASKS:
         known = ", ".join(sorted(BUILTIN_TASKS))
-        raise TaskError(f"task: unknown task {name!r}; use one of {known} or 'jsonl:PATH'")
+        raise TaskError(f"task: unknown task {name!r}; use one of {known}, 'jsonl:PATH' or 'env:path/file.py:Class'")
     return BUILTIN_TASKS[name]
 
 
@@ -39,6 +42,8 @@ def make_task(name: str, args: dict | None = None) -> Task:
     try:
         if cls is JsonlTask:
             return JsonlTask(name[len("jsonl:") :], **args)
+        if cls is EnvTask:
+            return EnvTask(name[len(ENV_PREFIX) :], **args)
         return cls(**args)
     except TypeError as exc:
         raise TaskError(f"task_args: {exc}") from None

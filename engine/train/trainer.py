@@ -190,7 +190,8 @@ class MultiAdapterTrainer:
                                  use_cache=False, logits_to_keep=width + 1)
             logits = out.logits[:, :width].float()
         else:
-            lengths = batch.completion_mask.to(self.device).sum(1).long()
+            # The completion's span (multi-turn rows hold environment tokens the mask leaves out).
+            lengths = mask[:, prompt:].sum(1).long()
             logits = self._shared_prompt_logits(adapter_names, ids, mask, prompt, width, group_of, first, routing,
                                                 lengths)
         logp_all = torch.log_softmax(logits, dim=-1)
