@@ -36,3 +36,13 @@ def test_bench_quick_writes_the_full_table(tmp_path):
         assert set(row["step_breakdown_s"]) == {"queue_s", "rollout_s", "reward_s", "train_s", "sync_s", "checkpoint_s"}
         assert len(row["accuracy"]) == n and all(0 <= a["final"] <= 1 for a in row["accuracy"])
     assert result["rows"][0]["step_time_ratio_vs_n1"] == 1.0
+
+
+def test_bench_retail_specs_carry_turns_and_tool_latency():
+    from clora_tui.bench import experiment_spec, parse_args
+    from engine.config import parse_spec
+
+    cfg, backends, _ = parse_args(["--tasks", "retail", "--n", "1,2", "--steps", "10", "--tool-latency-ms", "50"])
+    assert "trl" not in cfg.baselines and backends == ["peft"]  # GRPOTrainer has no environments
+    spec = parse_spec(experiment_spec(1, cfg))  # a spec the engine accepts
+    assert spec.task == "retail" and spec.task_args == {"tool_latency_ms": 50.0} and spec.rollout.max_turns == 3
