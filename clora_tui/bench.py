@@ -72,6 +72,7 @@ def experiment_spec(i: int, cfg: BenchConfig) -> dict:
     }
     if spec["task"] in MULTI_TURN_TASKS:
         spec["rollout"]["max_turns"] = cfg.max_turns
+        spec["rollout"]["max_tokens"] = max(cfg.max_tokens, 12)  # per turn: `cancel:17` + EOS is 10
         if cfg.tool_latency_ms:
             spec["task_args"] = {"tool_latency_ms": cfg.tool_latency_ms}
     if cfg.reward_ref:

@@ -26,7 +26,7 @@ import torch
 from engine.external_jobs import resolve
 from engine.protocol import CHECKPOINT_S, QUEUE_S, REWARD_S, ROLLOUT_S, STALENESS, SYNC_S, TOTAL_S, TRAIN_S
 from engine.tenant import State, Tenant
-from engine.train.batch import TrainBatch
+from engine.train.batch import TrainBatch, concat_batches
 from engine.train.trainer import ClientPass
 
 FORWARD_BACKWARD, OPTIM_STEP, CALL = "forward_backward", "optim_step", "call"
@@ -182,8 +182,6 @@ class ClientWork:
                     batches.append(batch)
                     parts.append((slice(start, start + n), loss))
                     start += n
-                from engine.train.batch import concat_batches
-
                 merged, _ = concat_batches(batches, pad_id=self.tokenizer.pad_token_id or 0)
                 forward_only = all(job.payload[2] for job in jobs)
                 if any(job.payload[2] for job in jobs) and not forward_only:
@@ -209,7 +207,6 @@ class ClientWork:
             tenant = self.engine.tenants.get(tenant_id)
             stats = self.client_step_stats(tenant) if tenant is not None else ClientStep()
             stats.train_s += train_s
-            start = 0
             for job, (s, loss) in zip(jobs, client_pass.loss.parts):
                 lengths = job.payload[0].completion_mask.sum(1).long().tolist()
                 logp = outcome.logprobs[s]
@@ -221,7 +218,6 @@ class ClientWork:
                 fields = {"logprobs": [logp[i, :n].numpy() for i, n in enumerate(lengths)],
                           "elementwise_loss": [per_token[i, :n].numpy() for i, n in enumerate(lengths)]}
                 resolve(job.future, (fields, {"loss:sum": value}))
-                start += len(lengths)
 
     def client_step_stats(self, tenant: Tenant) -> ClientStep:
         if tenant.client_step is None:

@@ -46,14 +46,14 @@ def test_retail_rewards_for_hand_written_transcripts():
     env = retail.RetailEnv()
     index, store, target = find("status")
     status, item, price = store[target]
-    seen, rewards, done = play(env, 7, index, [f"lookup:{target}", status])
-    assert seen == [f"order {target} status?", f"={status},{item},{price}:"] and rewards == [0.0, 1.0] and done
-    assert play(env, 7, index, [f"lookup:{target}", item])[1][-1] == 0.0  # the item is not the status
+    seen, rewards, done = play(env, 7, index, [f"look:{target}", status])
+    assert seen == [f"status?{target}", f"={status},{item},{price}:"] and rewards == [0.0, 1.0] and done
+    assert play(env, 7, index, [f"look:{target}", item])[1][-1] == 0.0  # the item is not the status
     assert play(env, 7, index, [status])[1] == [1.0]  # right without looking is right (a guess)
     assert play(env, 7, index, [f"cancel:{target}", status])[1][-1] == 0.0 or store[target][0] != "pending"
 
     index, store, target = find("price")
-    assert play(env, 7, index, [f"lookup:{target}", str(store[target][2])])[1][-1] == 1.0
+    assert play(env, 7, index, [f"look:{target}", str(store[target][2])])[1][-1] == 1.0
 
     index, store, target = find("cancel", "pending")
     seen, rewards, _ = play(env, 7, index, [f"cancel:{target}", "done"])
@@ -65,7 +65,7 @@ def test_retail_rewards_for_hand_written_transcripts():
     index, store, target = find("cancel", "shipped")
     seen, rewards, _ = play(env, 7, index, [f"cancel:{target}", "cannot"])
     assert seen[-1] == "=no,shipped:" and rewards[-1] == 1.0
-    assert play(env, 7, index, [f"lookup:{target}"] * 4)[1][-1] == 0.0  # more than 3 tool calls
+    assert play(env, 7, index, [f"look:{target}"] * 4)[1][-1] == 0.0  # more than 3 tool calls
     for seed, index in ((0, 0), (3, 11), (9, 5)):  # the build script's solutions score 1
         turns = [text for text, model in retail.solution(seed, index) if model]
         assert play(env, seed, index, turns)[1][-1] == 1.0

@@ -5,9 +5,7 @@ shows up as a tenant, waits while paused, fails when killed, and ends with its s
 
 from __future__ import annotations
 
-import os
 import socket
-import threading
 import time
 import urllib.error
 import urllib.request

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import sys
+import threading
 from pathlib import Path
 
 from engine.tasks.base import TaskError
@@ -65,6 +66,9 @@ class EnvWorker(RewardWorker):
         super().__init__(ref, start_timeout_s)
         self.args = args
         self.info: dict = {}
+        # One conversation at a time on the pipe: a step abandoned by a pause may still be
+        # waiting for its answer when the redone step's reset is sent.
+        self.lock = threading.Lock()
 
     def _spawn(self) -> None:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
@@ -90,16 +94,19 @@ class EnvWorker(RewardWorker):
         if self.proc is None or self.proc.poll() is not None:
             self._spawn()
 
+    def _send(self, message: dict, timeout_s: float, doing: str) -> dict:
+        with self.lock:
+            self.ensure()
+            return self._call(message, timeout_s, doing)
+
     def reset(self, episodes: list[tuple[str, int, int]], timeout_s: float) -> list[str]:
-        self.ensure()
-        obs = self._call({"reset": episodes}, timeout_s, "reset")["obs"]
+        obs = self._send({"reset": episodes}, timeout_s, "reset")["obs"]
         if len(obs) != len(episodes) or not all(isinstance(o, str) and o for o in obs):
             raise EnvError("reset() must return the first observation, a non-empty str")
         return obs
 
     def step(self, calls: list[tuple[str, str]], timeout_s: float) -> list[tuple[str | None, float, bool]]:
-        self.ensure()
-        results = self._call({"step": calls}, timeout_s, "step")["results"]
+        results = self._send({"step": calls}, timeout_s, "step")["results"]
         out = []
         for obs, reward, done in results:
             if obs is not None and not isinstance(obs, str):

@@ -4,8 +4,8 @@ Each episode is a generated store (a few orders: id, item, status, price) and on
 request about one order. The model acts by calling tools written as text, reads each tool's
 answer, and finally answers the customer:
 
-    customer   order 17 status?        | order 17 price?      | cancel order 17
-    model      lookup:17               | lookup:17            | cancel:17
+    customer   status?17               | price?17             | cancel?17
+    model      look:17                 | look:17              | cancel:17
     tool       =shipped,lamp,23:       | =shipped,lamp,23:    | =ok:   (or =no,shipped:)
     model      shipped                 | 23                   | done   (or cannot)
 
@@ -15,7 +15,7 @@ was cancelled (and nothing else) and the answer is `done`, or when a shipped or 
 order was left alone and the answer is `cannot`. More than 3 tool calls end the episode with
 reward 0. `tool_latency_ms` makes every tool call wait, like a remote service.
 
-Written to the alphabet of the embedded model's tokenizer (no brackets): `lookup:17`.
+Written to the alphabet of the embedded model's tokenizer (no brackets, no spaces): `look:17`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ ITEMS = ("lamp", "desk", "mug", "sofa", "rug", "fan", "bed", "cup", "pen", "map"
 STATUSES = ("pending", "shipped", "delivered")
 INTENTS = ("status", "price", "cancel")
 MAX_CALLS = 3
-TOOL_RE = re.compile(r"^(lookup|cancel):(\d+)$")
+TOOL_RE = re.compile(r"^(look|cancel):(\d+)$")
 EVAL_SEED = 0x5EED
 
 
@@ -42,15 +42,14 @@ def make_store(seed: int, index: int, orders: int = 5):
 
 
 def question(target: int, intent: str) -> str:
-    return {"status": f"order {target} status?", "price": f"order {target} price?",
-            "cancel": f"cancel order {target}"}[intent]
+    return f"{intent}?{target}"
 
 
 def tool_answer(store: dict, name: str, order: int) -> str:
     if order not in store:
         return "=none:"
     status, item, price = store[order]
-    if name == "lookup":
+    if name == "look":
         return f"={status},{item},{price}:"
     if status != "pending":
         return f"=no,{status}:"
@@ -112,6 +111,6 @@ def solution(seed: int, index: int, orders: int = 5) -> list[tuple[str, bool]]:
         segments += [(f"cancel:{target}", True), ("=ok:" if status == "pending" else f"=no,{status}:", False),
                      ("done" if status == "pending" else "cannot", True)]
     else:
-        segments += [(f"lookup:{target}", True), (f"={status},{item},{price}:", False),
+        segments += [(f"look:{target}", True), (f"={status},{item},{price}:", False),
                      (status if intent == "status" else str(price), True)]
     return segments

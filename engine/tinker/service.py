@@ -221,8 +221,7 @@ class TinkerService:
         optimizer = (body.get("optimizer_config") or {}).get("type", "adamw")
         if optimizer != "adamw":
             raise TinkerError(f"optimizer_config.type {optimizer!r}: this engine trains with adamw only", 400)
-        if lora.get("train_unembed"):
-            pass  # the unembedding is not LoRA-adapted here: attention and MLP only (see the README)
+        # train_unembed is not honoured: LoRA goes on attention and MLP only (see the README).
         rank = int(lora.get("rank") or 32)
         seq = int(body["model_seq_id"])
 
