@@ -191,3 +191,20 @@ def test_bad_env_refused_at_submit(daemon, tmp_path):
             client.call("start", spec=tiny_spec("nofile", task=f"env:{tmp_path}/missing.py:Env"))
         with pytest.raises(Exception, match="tool_latency_ms"):
             client.call("start", spec=tiny_spec("badarg", task="retail", task_args={"tool_latency_ms": -1}))
+
+
+def test_chat_template_renders_environment_turns_as_messages():
+    from transformers import AutoTokenizer
+
+    from engine.episodes import Episode, Renderer
+
+    tok = AutoTokenizer.from_pretrained(model_dir())
+    tok.chat_template = ("{% for m in messages %}{{ m['role'][0] }}:{{ m['content'] }}.{% endfor %}"
+                         "{% if add_generation_prompt %}a:{% endif %}")
+    renderer = Renderer(tok, "tool")
+    episode = Episode("e", 0, 0, 0)
+    renderer.first(episode, "status?17")
+    assert tok.decode(episode.prompt) == "u:status?17.a:"
+    ids = renderer.observation(episode, "look:17", "=shipped,mug,5:")
+    assert tok.decode(ids) == "t:=shipped,mug,5:.a:"  # a `tool` message, then the model's turn again
+    assert [m["role"] for m in episode.messages] == ["user", "assistant", "tool"]
