@@ -48,7 +48,7 @@ def test_routed_forward_equals_peft_per_adapter_forward(trainer, pattern):
         with batched_lora.routed(batched_lora.AdapterRouting(rows, rows, torch.device("cpu"))):
             ours = trainer.model(input_ids=ids).logits
         base = trainer.model(input_ids=ids, adapter_names=["__base__"] * len(rows)).logits
-    assert torch.allclose(ours, peft, atol=1e-5)
+    assert torch.allclose(ours, peft, atol=1e-4)  # the same sums in another order (logits up to ~16)
     assert not torch.allclose(ours, base, atol=1e-2)  # the adapters really act
 
 
