@@ -239,8 +239,10 @@ def measure_floors(cfg: BenchConfig, rows: list[int], completion_tokens: int) ->
     """The floor (python -m engine.floor) for these batch sizes, in a process of its own."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "floor.json"
+        # Multi-turn steps: the floor is one turn of the same rows and tokens per row (arithmetic prompts).
+        task = "arithmetic" if cfg.tasks[0] in MULTI_TURN_TASKS else cfg.tasks[0]
         cmd = [sys.executable, "-m", "engine.floor", "--rows", ",".join(map(str, rows)), "--completion-tokens",
-               str(completion_tokens), "--task", cfg.tasks[0], "--model", cfg.model, "--json", str(out)]
+               str(completion_tokens), "--task", task, "--model", cfg.model, "--json", str(out)]
         subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=1800)
         return {int(k): v for k, v in json.loads(out.read_text()).items()}
 
