@@ -30,6 +30,7 @@ import traceback
 from dataclasses import dataclass, field
 
 from engine.client_jobs import ClientWork
+from engine.scheduler_episodes import EpisodeSteps
 from engine.scheduler_checkpoints import DISK_RETRY_S, CheckpointKeeping
 from engine.scheduler_lifecycle import TenantLifecycle
 from engine.protocol import (CHECKPOINT_S, QUEUE_S, REWARD_S, ROLLOUT_S, STALENESS, SYNC_S, TOTAL_S,
@@ -58,9 +59,9 @@ class StepWork:
     episodes: object | None = None  # multi-turn tenants: engine.episodes.EpisodeRollout
 
 
-class Scheduler(TenantLifecycle, CheckpointKeeping, ClientWork):
-    """The loop and the step pipeline; lifecycle, checkpoints and client tenants' work
-    (engine.client_jobs) are its mixins."""
+class Scheduler(TenantLifecycle, CheckpointKeeping, ClientWork, EpisodeSteps):
+    """The loop and the step pipeline; lifecycle, checkpoints, client tenants' work
+    (engine.client_jobs) and multi-turn steps (engine.scheduler_episodes) are its mixins."""
 
     def __init__(self, engine):
         self.engine = engine
@@ -216,60 +217,6 @@ class Scheduler(TenantLifecycle, CheckpointKeeping, ClientWork):
         except Exception as exc:  # noqa: BLE001
             table.pop(tenant.id, None)
             self.fail(tenant, exc, "rollout")
-
-    # -- multi-turn steps (engine.episodes) ------------------------------------------------
-    def start_episodes(self, tenant: Tenant, step: int, now: float) -> None:
-        from engine.episodes import EpisodeRollout
-
-        evaluate, train = tenant.eval_due(), step < tenant.spec.steps
-        if not evaluate and not train:
-            self.complete(tenant)
-            return
-        episodes = EpisodeRollout(tenant, self.tokenizer, step, train, evaluate, self.context_length())
-        self.work[tenant.id] = StepWork(tag=f"{tenant.id}#{next(self.tags)}", plan={"eval": evaluate, "train": train},
-                                        rollout_start=now, train_clock_start=self.train_clock, step=step,
-                                        episodes=episodes)
-        self.phase(tenant, "env")
-        episodes.start(self.pool, self.scored.set)
-
-    def context_length(self) -> int:
-        config = self.trainer.model.base_model.model.config
-        return int(getattr(config, "max_position_embeddings", None) or 4096)
-
-    def advance_episodes(self) -> bool:
-        """Multi-turn steps whose environments answered: their next turn joins the batch, or
-        (every episode done) the step goes on to training like any scored step."""
-        progressed = False
-        for tenant_id, work in list(self.work.items()):
-            episodes = work.episodes
-            if episodes is None or episodes.result is not None or not episodes.busy_with_env:
-                continue
-            tenant = self.engine.tenants.get(tenant_id)
-            try:
-                requests = episodes.poll()
-            except Exception as exc:  # noqa: BLE001 - the environment raised, hung or died
-                self.work.pop(tenant_id, None)
-                self.fail(tenant, exc, "environment")
-                continue
-            if requests:
-                work.tag = f"{tenant.id}#{next(self.tags)}"
-                try:
-                    self.backend.submit(work.tag, requests)
-                except Exception as exc:  # noqa: BLE001
-                    self.work.pop(tenant_id, None)
-                    self.fail(tenant, exc, "rollout")
-                    continue
-                self.phase(tenant, "rollout")
-                progressed = True
-            elif episodes.result is not None:
-                wall = time.time() - work.rollout_start
-                work.rollout_s = max(0.0, wall - episodes.env_s - (self.train_clock - work.train_clock_start))
-                done: concurrent.futures.Future = concurrent.futures.Future()
-                done.set_result(episodes.result)
-                work.future = done
-                self.phase(tenant, "reward")
-                progressed = True
-        return progressed
 
     def maybe_prefetch(self, tenant: Tenant, work: StepWork) -> None:
         """Off-policy mode: once a step's samples are in, sample the next step at once
