@@ -14,42 +14,21 @@ any failure -> `{"error": "..."}`.
 from __future__ import annotations
 
 import asyncio
-import importlib
-import importlib.util
 import inspect
 import json
 import math
-import os
 import sys
 import threading
-from pathlib import Path
 
 from engine.tasks.base import TaskError
-from engine.tasks.reward_worker import RewardWorker
-from engine.tasks.rewards import RewardError
+from engine.tasks.reward_worker import RewardWorker, reply_channel
+from engine.tasks.rewards import RewardError, import_plugin
 
 
 def load_env_class(ref: str):
     """`path/file.py:Class` or `module:Class`; raises TaskError saying what is wrong."""
-    module_part, sep, attr = ref.rpartition(":")
-    if not sep or not module_part or not attr:
-        raise TaskError(f"task: env {ref!r} must be 'env:path/file.py:Class' or 'env:module:Class'")
-    try:
-        if module_part.endswith(".py"):
-            path = Path(module_part).expanduser().resolve()
-            if not path.is_file():
-                raise TaskError(f"task: env file {path} does not exist")
-            name = f"clora_env_{abs(hash(str(path)))}"
-            spec = importlib.util.spec_from_file_location(name, path)
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[name] = module
-            spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(module_part)
-    except TaskError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - a plugin can fail to import in any way
-        raise TaskError(f"task: cannot import env {module_part!r}: {type(exc).__name__}: {exc}") from None
+    module, attr = import_plugin(ref, "task: env", "'env:path/file.py:Class' or 'env:module:Class'", "clora_env_")
+    module_part = ref.rpartition(":")[0]
     cls = getattr(module, attr, None)
     if not isinstance(cls, type):
         raise TaskError(f"task: {module_part!r} has no class {attr!r}")
@@ -62,6 +41,8 @@ def load_env_class(ref: str):
 class EnvWorker(RewardWorker):
     """One tenant's environments, behind a killable process (the reward worker's pipe and deadline)."""
 
+    MODULE = "engine.tasks.env_worker"
+
     def __init__(self, ref: str, args: dict, start_timeout_s: float = 30.0):
         super().__init__(ref, start_timeout_s)
         self.args = args
@@ -71,12 +52,7 @@ class EnvWorker(RewardWorker):
         self.lock = threading.Lock()
 
     def _spawn(self) -> None:
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-        import subprocess
-
-        self.proc = subprocess.Popen([sys.executable, "-m", "engine.tasks.env_worker"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, cwd=os.getcwd(),
-                                     start_new_session=True)
+        self._popen()
         reply = self._call({"ref": self.ref, "args": self.args}, self.start_timeout_s, "starting the environment")
         self.info = reply
 
@@ -122,13 +98,7 @@ class EnvError(RuntimeError):
 
 
 def _serve() -> None:
-    out = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)  # the user's prints must not corrupt the protocol
-
-    def say(message: dict) -> None:
-        out.write(json.dumps(message) + "\n")
-        out.flush()
-
+    say = reply_channel()
     cls, args, envs = None, {}, {}
     loop = asyncio.new_event_loop()
 

@@ -27,6 +27,8 @@ from engine.tasks.rewards import RewardError
 class RewardWorker:
     """One tenant's reward function, behind a killable process."""
 
+    MODULE = "engine.tasks.reward_worker"  # what the process runs (`python -m MODULE`)
+
     def __init__(self, ref: str, start_timeout_s: float = 30.0):
         self.ref = ref
         self.start_timeout_s = start_timeout_s
@@ -34,11 +36,14 @@ class RewardWorker:
         self.calls = 0
 
     # -- process ---------------------------------------------------------------------
-    def _spawn(self) -> None:
+    def _popen(self) -> None:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-        self.proc = subprocess.Popen([sys.executable, "-m", "engine.tasks.reward_worker"], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([sys.executable, "-m", self.MODULE], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, cwd=os.getcwd(),
                                      start_new_session=True)
+
+    def _spawn(self) -> None:
+        self._popen()
         reply = self._ask({"ref": self.ref}, self.start_timeout_s, "loading the reward")
         if "error" in reply:
             self.close()
@@ -101,15 +106,22 @@ class RewardWorker:
         return [float(s) for s in scores]
 
 
-def _serve() -> None:
-    """The worker's side: import the function, then score batches until stdin closes."""
+def reply_channel():
+    """The worker's side of the pipe: a `say(message)` on the real stdout, while the user's
+    prints go to stderr (they must not corrupt the protocol)."""
     out = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)  # the user's prints must not corrupt the protocol
+    os.dup2(2, 1)
 
     def say(message: dict) -> None:
         out.write(json.dumps(message) + "\n")
         out.flush()
 
+    return say
+
+
+def _serve() -> None:
+    """The worker's side: import the function, then score batches until stdin closes."""
+    say = reply_channel()
     fn = None
     for line in sys.stdin:
         message = json.loads(line)

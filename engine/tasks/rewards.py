@@ -19,17 +19,18 @@ class RewardError(RuntimeError):
     """A reward function raised, hung, or returned something that is not a finite number."""
 
 
-def load_reward(ref: str) -> RewardFn:
-    """Import the callable a spec's `reward` names; raises TaskError saying what is wrong."""
+def import_plugin(ref: str, where: str, usage: str, prefix: str):
+    """(module, attribute name) of a user plugin `module:attr` or `path/file.py:attr`; raises
+    TaskError starting with `where` (e.g. "reward:") saying what is wrong."""
     module_part, sep, attr = ref.rpartition(":")
     if not sep or not module_part or not attr:
-        raise TaskError(f"reward: {ref!r} must be 'module:function' or 'path/file.py:function'")
+        raise TaskError(f"{where} {ref!r} must be {usage}")
     try:
         if module_part.endswith(".py"):
             path = Path(module_part).expanduser().resolve()
             if not path.is_file():
-                raise TaskError(f"reward: file {path} does not exist")
-            name = f"clora_reward_{abs(hash(str(path)))}"
+                raise TaskError(f"{where} file {path} does not exist")
+            name = f"{prefix}{abs(hash(str(path)))}"
             spec = importlib.util.spec_from_file_location(name, path)
             module = importlib.util.module_from_spec(spec)
             sys.modules[name] = module
@@ -39,7 +40,14 @@ def load_reward(ref: str) -> RewardFn:
     except TaskError:
         raise
     except Exception as exc:  # a plugin can fail to import in any way
-        raise TaskError(f"reward: cannot import {module_part!r}: {type(exc).__name__}: {exc}") from None
+        raise TaskError(f"{where} cannot import {module_part!r}: {type(exc).__name__}: {exc}") from None
+    return module, attr
+
+
+def load_reward(ref: str) -> RewardFn:
+    """Import the callable a spec's `reward` names; raises TaskError saying what is wrong."""
+    module, attr = import_plugin(ref, "reward:", "'module:function' or 'path/file.py:function'", "clora_reward_")
+    module_part = ref.rpartition(":")[0]
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise TaskError(f"reward: {module_part!r} has no callable {attr!r}")
